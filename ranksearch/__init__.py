@@ -1,0 +1,57 @@
+"""ranksearch: automated rank search for low-rank and tensor-decomposition compression.
+
+Find the decomposable layers of a model, price any rank configuration exactly, build the
+compressed model from plain torch layers, and search per-layer ranks for a budget::
+
+    space = ranksearch.RankSpace.discover(model, example_input)
+    config = space.uniform(0.5)
+    costs = ranksearch.CostModel(space).metrics(config)
+    small = ranksearch.compress(model, config, cache=ranksearch.FactorCache(model, space))
+
+    result = ranksearch.search(model, task, strategy="uniform", constraints=["flops<=0.5"])
+    result.best("flops<=0.5")
+"""
+
+from .cache import FactorCache
+from .constraints import Constraint
+from .cost import CostModel, EnergyTable, measure_latency
+from .errors import RankSearchError
+from .evaluate import Evaluator, ProxySettings
+from .pareto import Objective
+from .result import Result
+from .search import SearchResult, search
+from .space import Choice, Config, RankSpace, Site
+from .strategy import SearchContext, StopSearch, Strategy, available_strategies, load_strategy
+from .surgery import compress, load, save
+from .task import Task, load_task, load_user_task
+
+__all__ = [
+    "Choice",
+    "Config",
+    "Constraint",
+    "CostModel",
+    "EnergyTable",
+    "Evaluator",
+    "FactorCache",
+    "Objective",
+    "ProxySettings",
+    "RankSearchError",
+    "RankSpace",
+    "Result",
+    "SearchContext",
+    "SearchResult",
+    "Site",
+    "StopSearch",
+    "Strategy",
+    "Task",
+    "available_strategies",
+    "compress",
+    "load",
+    "load_strategy",
+    "load_task",
+    "load_user_task",
+    "measure_latency",
+    "save",
+    "search",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,198 @@
+"""The evaluator: build a candidate from the factor cache, fine-tune it briefly, validate it."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from itertools import cycle, islice
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import FactorCache
+from .cost import CostModel
+from .errors import RankSearchError
+from .result import Result
+from .space import Config, RankSpace
+from .surgery import compress
+from .task import Task
+
+log = logging.getLogger(__name__)
+
+#: Called with (step, accuracy) at each intermediate validation; return False to stop early.
+Reporter = Callable[[int, float], bool]
+
+
+@dataclass(frozen=True)
+class ProxySettings:
+    """How a candidate is scored.
+
+    ``steps=0`` is the zero-shot proxy: validation of the decomposed model on
+    ``eval_batches`` batches (all of the validation set when None). Otherwise ``steps``
+    fine-tuning steps with ``optimizer`` ("adam" or "sgd"), and with knowledge distillation from
+    the dense model when ``distill`` > 0 (the weight of the KD term, temperature
+    ``temperature``). Accuracy is reported every ``report_every`` steps. A loss that is not
+    finite, or that exceeds ``diverge_factor`` times the first loss, fails the candidate.
+    """
+
+    steps: int = 0
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    distill: float = 0.0
+    temperature: float = 4.0
+    eval_batches: int | None = None
+    eval_batch_size: int = 256
+    report_every: int = 50
+    diverge_factor: float = 100.0
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0 or self.report_every < 1:
+            raise RankSearchError(
+                "proxy settings need steps >= 0, batch_size >= 1, lr > 0 and report_every >= 1"
+            )
+        if self.optimizer not in ("adam", "sgd"):
+            raise RankSearchError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
+        if not 0 <= self.distill <= 1:
+            raise RankSearchError(f"distill must be in [0, 1], got {self.distill}")
+
+    def describe(self) -> str:
+        if self.steps == 0:
+            return "zero-shot"
+        kd = f", kd {self.distill}" if self.distill else ""
+        return f"{self.steps} steps {self.optimizer} lr {self.lr:g} bs {self.batch_size}{kd}"
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class CandidateFailed(RankSearchError):
+    """A candidate's fine-tuning diverged or produced a non-finite loss."""
+
+
+class Evaluator:
+    """Scores configurations of one model on one task.
+
+    ``evaluator(config) -> Result`` never raises for a bad candidate: a failed decomposition
+    or a diverging loss gives a ``failed`` result with the reason, and a reporter asking to
+    stop gives a ``pruned`` one with the accuracy reached.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        task: Task,
+        settings: ProxySettings = ProxySettings(),
+        space: RankSpace | None = None,
+        cache: FactorCache | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.task = task
+        self.settings = settings
+        self.space = space or RankSpace.discover(model, task.example_input())
+        self.cache = cache or FactorCache(model, self.space)
+        self.costs = CostModel(self.space)
+        self._val = _batches(task, "val", settings.eval_batch_size, settings.eval_batches)
+
+    def __call__(self, config: Config, report: Reporter | None = None) -> Result:
+        start = time.perf_counter()
+        metrics: dict[str, float] = dict(self.costs.metrics(config))
+        status, reason = "ok", None
+        try:
+            candidate = compress(self.model, config, cache=self.cache)
+            candidate.to(self.settings.device)
+            stopped = False
+            if self.settings.steps:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(self.settings.seed)
+                    stopped = self._finetune(candidate, report)
+            metrics.update(self.validate(candidate))
+            if stopped:
+                status = "pruned"
+        except CandidateFailed as e:
+            status, reason = "failed", str(e)
+        except RankSearchError as e:
+            status, reason = "failed", f"{type(e).__name__}: {e}"
+        except (RuntimeError, ValueError) as e:  # numerical trouble inside torch
+            log.warning("candidate %s failed: %s", config, e)
+            status, reason = "failed", f"{type(e).__name__}: {e}"
+        return Result(
+            config=config,
+            metrics=metrics,
+            status=status,
+            reason=reason,
+            wall_time=time.perf_counter() - start,
+            proxy=self.settings.describe(),
+        )
+
+    def validate(self, model: nn.Module) -> dict[str, float]:
+        """Accuracy and mean loss on the validation batches."""
+        device = self.settings.device
+        model.eval()
+        correct = total = 0
+        loss = 0.0
+        with torch.inference_mode():
+            for x, y in self._val:
+                x, y = x.to(device), y.to(device)
+                out = model(x)
+                loss += float(self.task.loss(out, y)) * len(y)
+                correct += int((out.argmax(1) == y).sum())
+                total += len(y)
+        return {"accuracy": correct / total, "loss": loss / total}
+
+    def _finetune(self, model: nn.Module, report: Reporter | None) -> bool:
+        """Fine-tune in place; True when the reporter stopped it early."""
+        s = self.settings
+        loader = self.task.loader("train", s.batch_size, shuffle=True, seed=s.seed)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if s.optimizer == "adam":
+            opt = torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
+        else:
+            opt = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum,
+                                  weight_decay=s.weight_decay)
+        teacher = self.model.to(s.device) if s.distill else None
+        first = None
+        model.train()
+        for step, (x, y) in enumerate(islice(cycle(loader), s.steps), start=1):
+            x, y = x.to(s.device), y.to(s.device)
+            out = model(x)
+            loss = self.task.loss(out, y)
+            if teacher is not None:
+                with torch.no_grad():
+                    target = F.log_softmax(teacher(x) / s.temperature, 1)
+                kd = F.kl_div(F.log_softmax(out / s.temperature, 1), target, log_target=True,
+                              reduction="batchmean") * s.temperature**2
+                loss = (1 - s.distill) * loss + s.distill * kd
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise CandidateFailed(f"loss became {value} at fine-tuning step {step}")
+            first = first if first is not None else value
+            if value > s.diverge_factor * max(first, 1e-3):
+                raise CandidateFailed(
+                    f"loss diverged at step {step}: {value:.3g} > {s.diverge_factor:g} × the "
+                    f"first loss {first:.3g}; try a lower learning rate"
+                )
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if report is not None and (step % s.report_every == 0 or step == s.steps):
+                accuracy = self.validate(model)["accuracy"]
+                model.train()
+                if not report(step, accuracy) and step < s.steps:
+                    return True
+        return False
+
+
+def _batches(task: Task, split: str, batch_size: int, limit: int | None) -> list[tuple]:
+    """The first ``limit`` batches of a split, kept in memory (the same for every candidate)."""
+    loader = task.loader(split, batch_size, shuffle=False, seed=0)
+    return list(islice(loader, limit)) if limit else list(loader)

@@ -1,0 +1,217 @@
+"""Reference models: plain ``nn.Module`` classifiers whose Conv2d and Linear layers are worth
+compressing.
+
+- `DigitsCNN`: a small CNN for the scikit-learn digits (input N×1×8×8).
+- `resnet20`: the CIFAR ResNet-20 of He et al. (2016) with option-A shortcuts (input N×C×H×W,
+  e.g. 1×28×28 or 3×32×32).
+- `vgg_small`: a small VGG with batch norm (same inputs as `resnet20`).
+
+`MODELS` maps a name to its constructor and `build_model` builds one by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import UnknownModelError
+
+__all__ = [
+    "MODELS",
+    "BasicBlock",
+    "DigitsCNN",
+    "ResNet",
+    "VGGSmall",
+    "build_model",
+    "resnet20",
+    "vgg_small",
+]
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int) -> list[nn.Module]:
+    """3×3 convolution (padding 1, no bias), batch norm, ReLU: N×C_in×H×W → N×C_out×H×W."""
+    return [
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    ]
+
+
+class DigitsCNN(nn.Module):
+    """A small CNN for the 8×8 scikit-learn digits.
+
+    Three 3×3 convolutions (16, 32, 64 channels, each with batch norm and ReLU; a 2×2 max pool
+    after the second), an adaptive average pool to 4×4, then Linear 1024 → 64 → classes.
+    Input N×C×H×W with H, W ≥ 2 (8×8 for digits, where the adaptive pool is the identity);
+    output N×num_classes logits.
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 1) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            *_conv_bn_relu(in_channels, 16),
+            *_conv_bn_relu(16, 32),
+            nn.MaxPool2d(2),
+            *_conv_bn_relu(32, 64),
+            nn.AdaptiveAvgPool2d(4),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(64 * 4 * 4, 64),
+            nn.ReLU(inplace=True),
+            nn.Linear(64, num_classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """N×C×H×W → N×num_classes."""
+        return self.classifier(self.features(x))
+
+
+class _PadShortcut(nn.Module):
+    """Option-A shortcut of He et al. (2016): subsample by ``stride`` and zero-pad channels.
+
+    N×C_in×H×W → N×C_out×⌈H/stride⌉×⌈W/stride⌉, parameter-free; the new channels (split
+    evenly before and after the old ones) are zero.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+        extra = out_channels - in_channels
+        self.pad = (extra // 2, extra - extra // 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, *self.pad))
+
+
+class BasicBlock(nn.Module):
+    """Two 3×3 convolutions with batch norm and a residual connection.
+
+    N×C_in×H×W → N×C_out×⌈H/stride⌉×⌈W/stride⌉. Where the shape changes the shortcut is option A
+    (`_PadShortcut`, no parameters), otherwise the identity.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut: nn.Module = (
+            _PadShortcut(in_channels, out_channels, stride)
+            if stride != 1 or in_channels != out_channels
+            else nn.Identity()
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return F.relu(out + self.shortcut(x))
+
+
+class ResNet(nn.Module):
+    """CIFAR-style ResNet (He et al. 2016, section 4.2): a 3×3 stem convolution, three stages of
+    ``blocks_per_stage`` basic blocks with ``widths`` channels (stride 2 at the start of stages
+    2 and 3), global average pooling and a linear classifier.
+
+    Input N×in_channels×H×W (any H, W ≥ 4: 32×32 gives 8×8 maps in the last stage, 28×28 gives
+    7×7); output N×num_classes logits. Depth is 6·blocks_per_stage + 2.
+    """
+
+    def __init__(
+        self,
+        blocks_per_stage: int,
+        in_channels: int = 3,
+        num_classes: int = 10,
+        widths: tuple[int, int, int] = (16, 32, 64),
+    ) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        stages: list[nn.Sequential] = []
+        channels = widths[0]
+        for index, width in enumerate(widths):
+            blocks = []
+            for block in range(blocks_per_stage):
+                stride = 2 if index > 0 and block == 0 else 1
+                blocks.append(BasicBlock(channels, width, stride))
+                channels = width
+            stages.append(nn.Sequential(*blocks))
+        self.layer1, self.layer2, self.layer3 = stages
+        self.fc = nn.Linear(channels, num_classes)
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d | nn.Linear):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """N×C×H×W → N×num_classes."""
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
+
+
+def resnet20(in_channels: int = 3, num_classes: int = 10) -> ResNet:
+    """ResNet-20 for CIFAR-10 / Fashion-MNIST: 19 convolutions + 1 linear layer, option-A
+    (parameter-free) shortcuts, 16/32/64 channels; 269,722 parameters for 3 input channels and
+    10 classes. Input N×in_channels×H×W (28×28 or 32×32), output N×num_classes."""
+    return ResNet(3, in_channels=in_channels, num_classes=num_classes)
+
+
+class VGGSmall(nn.Module):
+    """A small VGG: 64-64-M-128-128-M-256-256-M (3×3 convolutions with batch norm and ReLU, 2×2
+    max pools), global average pooling, then Linear 256 → 256 → num_classes.
+
+    Input N×in_channels×H×W with H, W ≥ 8 (28×28 ends in 3×3 maps, 32×32 in 4×4);
+    output N×num_classes logits.
+    """
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for width in (64, 128, 256):
+            layers += [*_conv_bn_relu(channels, width), *_conv_bn_relu(width, width)]
+            layers.append(nn.MaxPool2d(2))
+            channels = width
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1))
+        self.classifier = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(channels, 256),
+            nn.ReLU(inplace=True),
+            nn.Linear(256, num_classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """N×C×H×W → N×num_classes."""
+        return self.classifier(self.features(x))
+
+
+def vgg_small(in_channels: int = 3, num_classes: int = 10) -> VGGSmall:
+    """`VGGSmall` with ``in_channels`` input channels and ``num_classes`` outputs."""
+    return VGGSmall(in_channels=in_channels, num_classes=num_classes)
+
+
+def _digits_cnn(in_channels: int = 1, num_classes: int = 10) -> DigitsCNN:
+    return DigitsCNN(num_classes=num_classes, in_channels=in_channels)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "digits-cnn": _digits_cnn,
+    "resnet20": resnet20,
+    "vgg-small": vgg_small,
+}
+
+
+def build_model(name: str, **kwargs: int) -> nn.Module:
+    """Build the reference model ``name`` (a key of `MODELS`); ``kwargs`` (``in_channels``,
+    ``num_classes``) go to its constructor. Raises `UnknownModelError` for an unknown name."""
+    try:
+        factory = MODELS[name]
+    except KeyError:
+        valid = ", ".join(sorted(MODELS))
+        raise UnknownModelError(f"unknown model {name!r}; choose one of: {valid}") from None
+    return factory(**kwargs)

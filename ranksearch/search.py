@@ -1,0 +1,265 @@
+"""The search loop: ask a strategy, skip what is known, evaluate, store, tell."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from torch import nn
+from tqdm.auto import tqdm
+
+from .constraints import Constraint, parse_constraints
+from .cost import METRICS as PRICED
+from .cost import CostModel
+from .errors import RankSearchError
+from .evaluate import Evaluator, ProxySettings
+from .executors import Executor, get_executor
+from .pareto import Objective, best, front, hypervolume, knee, parse_objectives, reference_point
+from .result import Result
+from .space import Choice, Config, RankSpace
+from .store import Store, default_url
+from .strategy import SearchContext, StopSearch, Strategy, load_strategy
+from .task import Task
+
+log = logging.getLogger(__name__)
+
+#: Rounds in a row without a new evaluation before a strategy is taken to be exhausted.
+MAX_IDLE_ROUNDS = 100
+
+
+class ConstraintUnreachableError(RankSearchError):
+    """No configuration of the space can meet a constraint."""
+
+
+@dataclass
+class SearchResult:
+    """The outcome of a search: every result in the store, and the fronts over them."""
+
+    results: list[Result]
+    objectives: tuple[Objective, ...]
+    constraints: tuple[Constraint, ...]
+    space: RankSpace
+    costs: CostModel
+    store_url: str
+    study: str
+    stopped: str = "finished"
+    evaluated: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def front(self, constraints: Sequence[str | Constraint] | None = None) -> list[Result]:
+        """The non-dominated results that satisfy the constraints (the search's by default)."""
+        cons = self.constraints if constraints is None else parse_constraints(constraints)
+        return front(self.results, self.objectives, cons)
+
+    def hypervolume(self) -> float:
+        """Hypervolume of the front against the dense model's costs and zero accuracy."""
+        ref = reference_point(self.objectives, self.costs.metrics(Config()))
+        return hypervolume(self.front(), self.objectives, ref)
+
+    def best(self, *constraints: str | Constraint, metric: str = "accuracy") -> Result | None:
+        """The most accurate result meeting ``constraints`` (the search's when none given)."""
+        return best(self.results, constraints or self.constraints, metric=metric)
+
+    def knee(self) -> Result | None:
+        points = self.front()
+        return knee(points, self.objectives) if points else None
+
+
+def search(
+    model: nn.Module,
+    task: Task,
+    strategy: str | Strategy = "uniform",
+    strategy_options: Mapping[str, Any] | None = None,
+    constraints: Sequence[str | Constraint] = (),
+    objectives: Sequence[str | Objective] = ("accuracy", "flops"),
+    evaluations: int = 40,
+    time_limit: float | None = None,
+    executor: str | Executor = "local",
+    store: str | None = None,
+    study: str | None = None,
+    out: str = "ranksearch-out",
+    seed: int = 0,
+    proxy: ProxySettings | None = None,
+    space: RankSpace | None = None,
+    methods: Sequence[str] | None = None,
+    multiple_of: int = 1,
+    progress: bool = False,
+    meta: Mapping[str, Any] | None = None,
+) -> SearchResult:
+    """Search rank configurations of ``model`` on ``task``.
+
+    Strategies propose configs; each new one is scored by the proxy in ``proxy`` and committed
+    to the store before the next is asked for. Configs already in the store (from this run or
+    an earlier one with the same study) are never evaluated again, so re-running the same call
+    resumes. Stops after ``evaluations`` stored results, after ``time_limit`` seconds, when the
+    strategy is done, or on Ctrl-C (``stopped`` says which).
+
+    ``constraints`` are strings like ``"flops<=0.5"`` (a ratio of the dense model) or
+    ``"params<=2e6"`` (absolute); ``store`` is a database URL (default: SQLite in ``out``).
+    """
+    if evaluations < 1:
+        raise RankSearchError(f"evaluations must be at least 1, got {evaluations}")
+    proxy = proxy or ProxySettings()
+    cons = parse_constraints(constraints)
+    objs = parse_objectives(objectives)
+    strat = load_strategy(strategy, strategy_options)
+    if space is None:
+        space = RankSpace.discover(model, task.example_input(), methods=methods,
+                                   multiple_of=multiple_of)
+    costs = CostModel(space)
+    check_reachable(space, costs, cons)
+    url = store or default_url(out)
+    name = study or study_name(task.name, strat.name, cons, objs, proxy, strategy_options, seed)
+    run_meta = {"task": task.name, "strategy": strat.name,
+                "strategy_options": dict(strategy_options or {}),
+                "constraints": [str(c) for c in cons], "proxy": proxy.to_json(), "seed": seed,
+                **dict(meta or {})}
+    db = Store(url, name, space, objs, meta=run_meta)
+    evaluator = Evaluator(model, task, proxy, space)
+    runner = get_executor(executor)
+    loop = _Loop(db, evaluator, runner, evaluations, time_limit, progress)
+    ctx = SearchContext(
+        space=space, costs=costs, cache=evaluator.cache, constraints=cons, objectives=objs,
+        rng=np.random.default_rng(seed), evaluations=evaluations, evaluate=loop.evaluate_now,
+    )
+    loop.ctx = ctx
+    strat.setup(ctx)
+    stopped = loop.run(strat)
+    return SearchResult(
+        results=db.results(), objectives=objs, constraints=cons, space=space, costs=costs,
+        store_url=url, study=name, stopped=stopped, evaluated=loop.evaluated, meta=run_meta,
+    )
+
+
+class _Loop:
+    """The ask → dedupe → evaluate → store → tell cycle of one search."""
+
+    def __init__(self, store: Store, evaluator: Evaluator, executor: Executor, evaluations: int,
+                 time_limit: float | None, progress: bool) -> None:
+        self.store = store
+        self.evaluator = evaluator
+        self.executor = executor
+        self.evaluations = evaluations
+        self.deadline = None if time_limit is None else time.monotonic() + time_limit
+        self.evaluated = 0
+        self.ctx: SearchContext
+        self.bar = tqdm(total=evaluations, initial=min(len(store), evaluations),
+                        disable=not progress, desc="search", unit="eval")
+
+    def run(self, strategy: Strategy) -> str:
+        idle = 0
+        try:
+            while True:
+                if (reason := self._exhausted()) is not None:
+                    return reason
+                try:
+                    configs = strategy.ask()
+                except StopSearch:
+                    return "strategy finished"
+                before = self.evaluated
+                results = self.evaluate_now(configs)
+                if results:
+                    strategy.tell(results)
+                idle = 0 if self.evaluated > before else idle + 1
+                if idle >= MAX_IDLE_ROUNDS:
+                    log.warning("%s proposed nothing new in %d rounds; stopping",
+                                strategy.name, idle)
+                    return "strategy exhausted"
+        except KeyboardInterrupt:
+            log.warning("interrupted: finished evaluations are stored; run again to resume")
+            return "interrupted"
+        finally:
+            self.bar.close()
+
+    def evaluate_now(self, configs: Sequence[Config]) -> list[Result]:
+        """Results for ``configs``: stored ones as they are, infeasible ones marked failed
+        (not stored), new ones evaluated and committed one by one."""
+        out: dict[str, Result] = {}
+        todo = []
+        for config in configs:
+            config = self.store.space.validate(config)
+            if config.key in out or any(c.key == config.key for c in todo):
+                continue
+            known = self.store.get(config)
+            if known is not None:
+                out[config.key] = known
+            elif not self.ctx.feasible(config):
+                out[config.key] = self._infeasible(config)
+            elif self._exhausted() is None and len(self.store) + len(todo) < self.evaluations:
+                todo.append(config)
+        for result in self.executor.map(self.evaluator, todo):
+            self.store.save(result)
+            self.evaluated += 1
+            out[result.config.key] = result
+            self.bar.update(1)
+            self._show_best()
+        order = {c.key: i for i, c in enumerate(configs)}
+        return sorted(out.values(), key=lambda r: order.get(r.config.key, len(order)))
+
+    def _infeasible(self, config: Config) -> Result:
+        metrics = self.ctx.costs.metrics(config)
+        broken = [str(c) for c in self.ctx.cost_constraints() if not c.satisfied(metrics)]
+        return Result(config, metrics, "failed", f"infeasible: violates {', '.join(broken)}",
+                      proxy="cost check")
+
+    def _exhausted(self) -> str | None:
+        if len(self.store) >= self.evaluations:
+            return "finished"
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            return "time limit"
+        return None
+
+    def _show_best(self) -> None:
+        top = best(self.store.results(), self.ctx.constraints)
+        if top is not None:
+            self.bar.set_postfix_str(
+                f"best acc {top.metrics['accuracy']:.4f} at flops "
+                f"{top.metrics.get('flops_ratio', float('nan')):.3f}"
+            )
+
+
+def check_reachable(space: RankSpace, costs: CostModel, constraints: Sequence[Constraint]
+                    ) -> None:
+    """Raise when a cost constraint is not met even by the cheapest config of the space."""
+    for c in constraints:
+        if c.metric not in PRICED:
+            continue
+        metric = c.metric
+        cheapest = Config({
+            name: min(space.choices(name), key=lambda ch, n=name: _site_cost(costs, n, ch, metric))
+            for name in space.names
+        })
+        metrics = costs.metrics(cheapest)
+        if not c.satisfied(metrics):
+            raise ConstraintUnreachableError(
+                f"no configuration of the space meets {c}: the cheapest reaches "
+                f"{c.metric} {metrics[c.key]:.4g}. Relax the constraint, allow lower ranks "
+                "(min_rank) or more factorizations (methods)."
+            )
+
+
+def _site_cost(costs: CostModel, name: str, choice: Choice, metric: str) -> float:
+    return costs.metrics(Config({name: choice}))[metric]
+
+
+def study_name(task: str, strategy: str, constraints: Sequence[Constraint],
+               objectives: Sequence[Objective], proxy: ProxySettings,
+               options: Mapping[str, Any] | None, seed: int) -> str:
+    """A name that is the same for the same search, so re-running it resumes."""
+    spec = json.dumps({
+        "constraints": [str(c) for c in constraints],
+        "objectives": [str(o) for o in objectives],
+        "proxy": proxy.to_json(),
+        "options": dict(options or {}),
+        "seed": seed,
+    }, sort_keys=True, default=str)
+    return f"{task}-{strategy}-{hashlib.sha256(spec.encode()).hexdigest()[:8]}"
+
+
+__all__ = ["SearchResult", "check_reachable", "search", "study_name"]

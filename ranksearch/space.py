@@ -1,0 +1,553 @@
+"""Sites, choices and configurations, and the discovery of decomposable layers in a model.
+
+A `Site` is one Conv2d or Linear layer as seen in a traced forward pass. A `Choice` is the
+factorization and rank for one site. A `Config` maps site names to choices; sites it does not
+name stay dense. A `RankSpace` holds the sites and the rank grid each factorization allows.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from math import prod
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from . import factorize
+from .errors import (
+    ConfigError,
+    InputShapeError,
+    NoDecomposableLayersError,
+    NotAdmittedError,
+    RankSearchError,
+    UnknownLayerError,
+)
+
+Rank = int | tuple[int, ...]
+DEFAULT_METHODS: dict[str, tuple[str, ...]] = {"conv2d": ("tucker2",), "linear": ("svd",)}
+
+
+@dataclass(frozen=True)
+class Site:
+    """One Conv2d or Linear layer of a model.
+
+    ``in_size`` and ``out_size`` are the spatial sizes (H, W) a convolution sees in the traced
+    forward pass, or for a linear layer the leading dimensions between batch and features
+    (``()`` for an input of shape (N, I)); ``calls`` is how often the forward pass ran it
+    (sizes are those of its first call). ``methods`` lists the factorizations it admits;
+    when empty, ``reason`` says why it is not decomposable.
+    """
+
+    name: str
+    kind: Literal["conv2d", "linear"]
+    in_features: int
+    out_features: int
+    kernel_size: tuple[int, int] = (1, 1)
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] | str = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    padding_mode: str = "zeros"
+    bias: bool = True
+    in_size: tuple[int, ...] = ()
+    out_size: tuple[int, ...] = ()
+    calls: int = 1
+    methods: tuple[str, ...] = ()
+    reason: str | None = None
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        if self.kind == "linear":
+            return (self.out_features, self.in_features)
+        return (self.out_features, self.in_features // self.groups, *self.kernel_size)
+
+    @property
+    def dense_params(self) -> int:
+        return prod(self.weight_shape) + (self.out_features if self.bias else 0)
+
+    @property
+    def decomposable(self) -> bool:
+        return bool(self.methods)
+
+    @classmethod
+    def from_module(
+        cls,
+        name: str,
+        module: nn.Module,
+        in_size: tuple[int, ...] = (),
+        out_size: tuple[int, ...] = (),
+    ) -> Site:
+        """The site of ``module`` (sizes unknown unless given; costs need traced sizes)."""
+        bias = getattr(module, "bias", None) is not None
+        if isinstance(module, nn.Conv2d):
+            padding = module.padding
+            return cls(
+                name=name,
+                kind="conv2d",
+                in_features=module.in_channels,
+                out_features=module.out_channels,
+                kernel_size=tuple(module.kernel_size),
+                stride=tuple(module.stride),
+                padding=padding if isinstance(padding, str) else tuple(padding),
+                dilation=tuple(module.dilation),
+                groups=module.groups,
+                padding_mode=module.padding_mode,
+                bias=bias,
+                in_size=in_size,
+                out_size=out_size,
+            )
+        if isinstance(module, nn.Linear):
+            return cls(
+                name=name,
+                kind="linear",
+                in_features=module.in_features,
+                out_features=module.out_features,
+                bias=bias,
+                in_size=in_size,
+                out_size=out_size,
+            )
+        raise UnknownLayerError(
+            f"layer {name!r} is a {type(module).__name__}; only nn.Conv2d and nn.Linear "
+            "layers can be factorized"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Site:
+        data = dict(data)
+        for key in ("kernel_size", "stride", "dilation", "in_size", "out_size", "methods"):
+            data[key] = tuple(data[key])
+        if not isinstance(data["padding"], str):
+            data["padding"] = tuple(data["padding"])
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The factorization of one site: ``method`` and ``rank`` (an int, or a tuple for tucker2
+    (in, out) and tt/tr (inner ranks)). ``Choice("dense")`` keeps the layer as it is."""
+
+    method: str
+    rank: Rank | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rank, list):
+            object.__setattr__(self, "rank", tuple(self.rank))
+        if (self.method == "dense") != (self.rank is None):
+            raise ConfigError(
+                f"Choice({self.method!r}, {self.rank!r}): 'dense' takes no rank and every "
+                "factorization needs one"
+            )
+
+    @property
+    def is_dense(self) -> bool:
+        return self.method == "dense"
+
+    def to_json(self) -> dict[str, Any]:
+        rank = list(self.rank) if isinstance(self.rank, tuple) else self.rank
+        return {"method": self.method, "rank": rank}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Choice:
+        try:
+            return cls(data["method"], data.get("rank"))
+        except (KeyError, TypeError) as e:
+            raise ConfigError(
+                f"a choice must be {{'method': ..., 'rank': ...}}, got {data!r}"
+            ) from e
+
+    def __str__(self) -> str:
+        if self.is_dense:
+            return "dense"
+        rank = "x".join(map(str, self.rank)) if isinstance(self.rank, tuple) else self.rank
+        return f"{self.method}:{rank}"
+
+
+DENSE = Choice("dense")
+
+
+class Config(Mapping[str, Choice]):
+    """An immutable, hashable mapping from site name to `Choice`; unnamed sites stay dense.
+
+    Dense entries are dropped, so two configs that build the same model are equal.
+    """
+
+    __slots__ = ("_items",)
+    _items: tuple[tuple[str, Choice], ...]
+
+    def __init__(self, choices: Mapping[str, Choice] | Iterable[tuple[str, Choice]] = ()) -> None:
+        pairs = choices.items() if isinstance(choices, Mapping) else choices
+        items = {}
+        for name, choice in pairs:
+            if not isinstance(choice, Choice):
+                raise ConfigError(f"config entry {name!r} must be a Choice, got {choice!r}")
+            if not choice.is_dense:
+                items[name] = choice
+        object.__setattr__(self, "_items", tuple(sorted(items.items())))
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("Config is immutable")
+
+    def __getitem__(self, name: str) -> Choice:
+        for key, choice in self._items:
+            if key == name:
+                return choice
+        raise KeyError(name)
+
+    def get(self, name: str, default: Any = DENSE) -> Any:  # type: ignore[override]
+        return super().get(name, default)
+
+    def __iter__(self) -> Iterator[str]:
+        return (k for k, _ in self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(self._items)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Config) and self._items == other._items
+
+    def __repr__(self) -> str:
+        return f"Config({{{', '.join(f'{k!r}: {v}' for k, v in self._items)}}})"
+
+    def replace(self, **changes: Choice) -> Config:
+        """A copy with some sites' choices replaced (names as keyword arguments)."""
+        return self.with_choices(changes)
+
+    def with_choices(self, changes: Mapping[str, Choice]) -> Config:
+        return Config({**dict(self._items), **changes})
+
+    def to_json(self) -> dict[str, Any]:
+        return {name: choice.to_json() for name, choice in self._items}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any] | str) -> Config:
+        if isinstance(data, str):
+            try:
+                data = json.loads(data)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"config is not valid JSON: {e}") from e
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a config must be a JSON object of site → choice, got {data!r}")
+        return cls({name: Choice.from_json(c) for name, c in data.items()})
+
+    @property
+    def key(self) -> str:
+        """A stable string identifying the config (equal configs have equal keys)."""
+        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class RankSpace:
+    """The decomposable sites of a model and the ranks each factorization may take.
+
+    The rank grid of a site and method holds ranks rounded to ``multiple_of`` (the maximum is
+    kept even when it is not a multiple), at least ``min_rank``, and at most ``max_choices``
+    values spread evenly. Tuple ranks (tucker2, tt, tr) move along one line: every component
+    scales with the same fraction of its maximum.
+    """
+
+    sites: tuple[Site, ...]
+    model_params: int
+    multiple_of: int = 1
+    min_rank: int = 1
+    max_choices: int = 64
+    _grids: dict[tuple[str, str], tuple[Rank, ...]] = field(
+        default_factory=dict, repr=False, compare=False, hash=False
+    )
+
+    def __post_init__(self) -> None:
+        if self.multiple_of < 1 or self.min_rank < 1 or self.max_choices < 2:
+            raise RankSearchError(
+                "multiple_of and min_rank must be at least 1 and max_choices at least 2, got "
+                f"{self.multiple_of}, {self.min_rank}, {self.max_choices}"
+            )
+
+    # -- discovery ------------------------------------------------------------------------------
+    @classmethod
+    def discover(
+        cls,
+        model: nn.Module,
+        example_input: torch.Tensor | tuple[torch.Tensor, ...],
+        methods: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
+        include: Sequence[str] | None = None,
+        exclude: Sequence[str] | None = None,
+        min_params: int = 0,
+        multiple_of: int = 1,
+        min_rank: int = 1,
+        max_choices: int = 64,
+    ) -> RankSpace:
+        """Trace one forward pass of ``model`` on ``example_input`` and list its sites.
+
+        ``methods``: factorization names for every site (each site keeps those it admits), or a
+        mapping from kind ("conv2d", "linear") to names. Default: tucker2 for convolutions, svd
+        for linear layers. ``include``/``exclude``: glob patterns on dotted layer names.
+        Layers with fewer than ``min_params`` weights are listed but not decomposable.
+        """
+        wanted = _methods_by_kind(methods)
+        shapes = _trace(model, example_input)
+        sites = []
+        for name, module in model.named_modules():
+            if not isinstance(module, nn.Conv2d | nn.Linear):
+                continue
+            calls = shapes.get(name, [])
+            if calls:
+                in_shape, out_shape = calls[0]
+                if isinstance(module, nn.Conv2d):
+                    in_size, out_size = tuple(in_shape[-2:]), tuple(out_shape[-2:])
+                else:
+                    in_size = out_size = tuple(in_shape[1:-1])
+            else:
+                in_size = out_size = ()
+            site = replace(Site.from_module(name, module, in_size, out_size), calls=len(calls))
+            reason = _exclusion(site, len(calls), include, exclude, min_params)
+            admitted: tuple[str, ...] = ()
+            if reason is None:
+                candidates = wanted.get(site.kind, ())
+                admitted = tuple(m for m in candidates if factorize.get(m).admits(site) is None)
+                if not admitted:
+                    reason = "; ".join(
+                        factorize.get(m).admits(site) or "" for m in candidates
+                    ) or f"no factorization requested for {site.kind} layers"
+            sites.append(_replace(site, methods=admitted, reason=reason))
+        space = cls(
+            tuple(sites),
+            model_params=sum(p.numel() for p in model.parameters()),
+            multiple_of=multiple_of,
+            min_rank=min_rank,
+            max_choices=max_choices,
+        )
+        if not space.names:
+            listing = "; ".join(f"{s.name}: {s.reason}" for s in sites) or "none found"
+            raise NoDecomposableLayersError(
+                f"the model has no decomposable Conv2d or Linear layer ({listing}). Check "
+                "include/exclude/min_params, or pass a model with such layers."
+            )
+        return space
+
+    # -- lookup ---------------------------------------------------------------------------------
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Names of the decomposable sites, in model order."""
+        return tuple(s.name for s in self.sites if s.decomposable)
+
+    @property
+    def decomposable(self) -> tuple[Site, ...]:
+        return tuple(s for s in self.sites if s.decomposable)
+
+    def site(self, name: str) -> Site:
+        for s in self.sites:
+            if s.name == name:
+                return s
+        raise UnknownLayerError(
+            f"no layer named {name!r} in the space; its layers are {[s.name for s in self.sites]}"
+        )
+
+    def decomposable_site(self, name: str) -> Site:
+        site = self.site(name)
+        if not site.decomposable:
+            raise NotAdmittedError(f"layer {name!r} is not decomposable: {site.reason}")
+        return site
+
+    # -- ranks ----------------------------------------------------------------------------------
+    def ranks(self, name: str, method: str) -> tuple[Rank, ...]:
+        """The allowed ranks of ``method`` on site ``name``, from smallest to largest."""
+        key = (name, method)
+        if key not in self._grids:
+            site = self.decomposable_site(name)
+            fac = factorize.get(method)
+            if method not in site.methods:
+                raise NotAdmittedError(
+                    f"method {method!r} is not in the space for layer {name!r}; "
+                    f"its methods are {list(site.methods)}"
+                )
+            self._grids[key] = _grid(fac.max_rank(site), self.multiple_of, self.min_rank,
+                                     self.max_choices)
+        return self._grids[key]
+
+    def choices(self, name: str) -> tuple[Choice, ...]:
+        """Every choice for a site: each method's rank grid, then ``dense``."""
+        site = self.decomposable_site(name)
+        return (*(Choice(m, r) for m in site.methods for r in self.ranks(name, m)), DENSE)
+
+    def validate(self, config: Config) -> Config:
+        """Check every entry of ``config`` against the space; return it with ranks normalized."""
+        out = {}
+        for name, choice in config.items():
+            site = self.decomposable_site(name)
+            fac = factorize.get(choice.method)
+            if choice.method not in site.methods:
+                raise NotAdmittedError(
+                    f"method {choice.method!r} is not in the space for layer {name!r}; "
+                    f"its methods are {list(site.methods)}"
+                )
+            out[name] = Choice(choice.method, fac.normalize_rank(site, choice.rank))
+        return Config(out)
+
+    def full(self, method: str | None = None) -> Config:
+        """Every site at its maximum rank: the factorized model reproduces the dense one."""
+        return Config({
+            s.name: Choice(m, factorize.get(m).max_rank(s))
+            for s in self.decomposable
+            if (m := method_for(s, method)) is not None
+        })
+
+    def uniform(self, fraction: float, method: str | None = None) -> Config:
+        """The same fraction of parameters in every layer (the tensorly-torch ``rank=0.5``).
+
+        Each site takes the largest grid rank whose parameters are at most ``fraction`` of its
+        dense parameters (the smallest rank if none is). Sites that do not admit ``method``
+        stay dense; ``method=None`` uses each site's first method.
+        """
+        if fraction <= 0:
+            raise RankSearchError(f"fraction must be positive, got {fraction}")
+        choices = {}
+        for s in self.decomposable:
+            m = method_for(s, method)
+            if m is None:
+                continue
+            fac = factorize.get(m)
+            grid = self.ranks(s.name, m)
+            fits = [r for r in grid if fac.params(s, r) <= fraction * s.dense_params]
+            choices[s.name] = Choice(m, fits[-1] if fits else grid[0])
+        if not choices:
+            raise NotAdmittedError(f"no layer of the space admits {method!r}")
+        return Config(choices)
+
+    # -- serialization --------------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "sites": [s.to_dict() for s in self.sites],
+            "model_params": self.model_params,
+            "multiple_of": self.multiple_of,
+            "min_rank": self.min_rank,
+            "max_choices": self.max_choices,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> RankSpace:
+        return cls(
+            tuple(Site.from_dict(s) for s in data["sites"]),
+            model_params=data["model_params"],
+            multiple_of=data["multiple_of"],
+            min_rank=data["min_rank"],
+            max_choices=data["max_choices"],
+        )
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def _replace(site: Site, **changes: Any) -> Site:
+    return replace(site, **changes)
+
+
+def _methods_by_kind(
+    methods: Sequence[str] | Mapping[str, Sequence[str]] | None,
+) -> dict[str, tuple[str, ...]]:
+    if methods is None:
+        return dict(DEFAULT_METHODS)
+    if isinstance(methods, str):
+        methods = [methods]
+    if isinstance(methods, Mapping):
+        by_kind = {k: tuple(v) for k, v in methods.items()}
+    else:
+        by_kind = {
+            kind: tuple(m for m in methods if kind in factorize.get(m).kinds)
+            for kind in ("conv2d", "linear")
+        }
+    for names in by_kind.values():
+        for m in names:
+            factorize.get(m)  # raises UnknownMethodError
+    return by_kind
+
+
+def method_for(site: Site, method: str | None) -> str | None:
+    """``method`` if the site admits it (None if not); the site's first method for None."""
+    if method is None:
+        return site.methods[0]
+    factorize.get(method)
+    return method if method in site.methods else None
+
+
+def _exclusion(
+    site: Site,
+    calls: int,
+    include: Sequence[str] | None,
+    exclude: Sequence[str] | None,
+    min_params: int,
+) -> str | None:
+    if site.groups != 1:
+        return f"grouped convolution (groups={site.groups}) is not decomposable"
+    if calls == 0:
+        return "not called in the traced forward pass"
+    if calls > 1:
+        return f"called {calls} times in one forward pass (shared module)"
+    if include is not None and not any(fnmatch.fnmatchcase(site.name, p) for p in include):
+        return "not matched by include"
+    if exclude is not None and (p := next(
+        (p for p in exclude if fnmatch.fnmatchcase(site.name, p)), None
+    )):
+        return f"excluded by pattern {p!r}"
+    if prod(site.weight_shape) < min_params:
+        return f"fewer than min_params={min_params} weights"
+    return None
+
+
+def _trace(
+    model: nn.Module, example_input: torch.Tensor | tuple[torch.Tensor, ...]
+) -> dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]]:
+    """Input and output shapes (batch included) of every Conv2d/Linear call in one forward."""
+    shapes: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d | nn.Linear):
+            def hook(mod, args, output, name=name):
+                shapes.setdefault(name, []).append((tuple(args[0].shape), tuple(output.shape)))
+
+            handles.append(module.register_forward_hook(hook))
+    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as e:  # the model's own error names the mismatch
+        shape = [tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]
+        raise InputShapeError(
+            f"the example input of shape {shape[0] if len(shape) == 1 else shape} does not fit "
+            f"the model ({type(e).__name__}: {e}). Pass a batch shaped like the model's "
+            "training input, e.g. torch.zeros(1, 3, 32, 32) for CIFAR images."
+        ) from e
+    finally:
+        model.train(training)
+        for h in handles:
+            h.remove()
+    return shapes
+
+
+def _grid(top: Rank, multiple_of: int, min_rank: int, max_choices: int) -> tuple[Rank, ...]:
+    """Allowed ranks up to ``top``; tuples scale all components with one fraction."""
+    tops = (top,) if isinstance(top, int) else top
+    steps = max(tops)
+    points = set()
+    for t in range(1, steps + 1):
+        ranks = []
+        for m in tops:
+            r = max(min_rank, math.ceil(t * m / steps))
+            r = multiple_of * math.ceil(r / multiple_of)
+            ranks.append(min(r, m))
+        points.add(tuple(ranks))
+    ordered = sorted(points, key=lambda p: (sum(p), p))
+    if len(ordered) > max_choices:
+        last = len(ordered) - 1
+        idx = sorted({round(i * last / (max_choices - 1)) for i in range(max_choices)})
+        ordered = [ordered[i] for i in idx]
+    return tuple(p[0] for p in ordered) if isinstance(top, int) else tuple(ordered)

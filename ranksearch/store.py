@@ -1,0 +1,209 @@
+"""The store: every evaluation of a search, kept in a database as an Optuna study.
+
+Each evaluation is one Optuna trial: its values are the objectives, its params the index of
+each site's choice in the space, and its user attributes the whole `Result`. So
+``optuna-dashboard sqlite:///out/ranksearch.db`` and Optuna's plots work on a search, and a
+search resumes from whatever the study holds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.distributions import IntDistribution
+from optuna.trial import TrialState
+
+from .errors import RankSearchError
+from .pareto import Objective
+from .result import Result
+from .space import Config, RankSpace
+
+log = logging.getLogger(__name__)
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+_STATES = {"ok": TrialState.COMPLETE, "failed": TrialState.FAIL, "pruned": TrialState.PRUNED}
+
+
+class StoreError(RankSearchError):
+    """The store cannot be opened or does not match the search."""
+
+
+def default_url(out: str | os.PathLike) -> str:
+    """The SQLite database of an output folder (created if missing; must be writable)."""
+    folder = Path(out).resolve()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise StoreError(
+            f"cannot create the output folder {folder}: {e}. Choose another --out."
+        ) from e
+    if not os.access(folder, os.W_OK):
+        raise StoreError(f"the output folder {folder} is not writable; choose another --out")
+    return f"sqlite:///{folder / 'ranksearch.db'}"
+
+
+def open_storage(url: str) -> optuna.storages.BaseStorage:
+    """An Optuna storage for ``url``, with a clear error when it cannot be reached."""
+    if url.startswith("sqlite:///"):
+        parent = Path(url[len("sqlite:///"):]).parent
+        if not parent.is_dir():
+            raise StoreError(f"the store's folder {parent} does not exist (store URL {url})")
+        if not os.access(parent, os.W_OK):
+            raise StoreError(f"the store's folder {parent} is not writable (store URL {url})")
+    try:
+        return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
+    except Exception as e:  # SQLAlchemy and driver errors vary by backend
+        raise StoreError(
+            f"cannot open the store at {url!r} ({type(e).__name__}: {e}). Check the URL, that "
+            "the database server is reachable and its driver installed, or use the default "
+            "SQLite store in the output folder."
+        ) from e
+
+
+def list_studies(url: str) -> list[str]:
+    """Names of the searches held by the store at ``url``."""
+    return [s.study_name for s in optuna.get_all_study_summaries(open_storage(url))]
+
+
+class Store:
+    """The evaluations of one search, persisted as an Optuna study named ``study``.
+
+    Opening a study that exists resumes it; its space must be the same (a signature of the
+    space is kept with the study) and its objectives the same.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        study: str,
+        space: RankSpace,
+        objectives: Sequence[Objective],
+        meta: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.url = url
+        self.space = space
+        self.objectives = tuple(objectives)
+        storage = open_storage(url)
+        directions = ["maximize" if o.direction == "max" else "minimize" for o in objectives]
+        try:
+            self.study = optuna.create_study(
+                storage=storage, study_name=study, directions=directions, load_if_exists=True
+            )
+        except Exception as e:
+            raise StoreError(f"cannot create study {study!r} in {url!r}: {e}") from e
+        signature = space_signature(space)
+        attrs = self.study.user_attrs
+        if "space" not in attrs:
+            self.study.set_user_attr("space", signature)
+            self.study.set_user_attr("objectives", [str(o) for o in self.objectives])
+            self.study.set_user_attr("meta", dict(meta or {}))
+        elif attrs["space"] != signature:
+            raise StoreError(
+                f"study {study!r} in {url} was made for another model or space; "
+                "pass another study name (--study) or output folder to start a new search"
+            )
+        elif attrs.get("objectives") != [str(o) for o in self.objectives]:
+            raise StoreError(
+                f"study {study!r} was made with objectives {attrs.get('objectives')}, not "
+                f"{[str(o) for o in self.objectives]}; pass another study name"
+            )
+        self._params = {
+            name: {c: i for i, c in enumerate(space.choices(name))} for name in space.names
+        }
+        self._results: dict[str, Result] = {}
+        for trial in self.study.get_trials(deepcopy=False):
+            if "result" in trial.user_attrs:
+                result = Result.from_json(json.loads(trial.user_attrs["result"]))
+                self._results[result.config.key] = result
+
+    @property
+    def name(self) -> str:
+        return self.study.study_name
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return dict(self.study.user_attrs.get("meta", {}))
+
+    def __len__(self) -> int:
+        return len(self._results)
+
+    def __contains__(self, config: object) -> bool:
+        return isinstance(config, Config) and config.key in self._results
+
+    def __iter__(self) -> Iterator[Result]:
+        return iter(self._results.values())
+
+    def get(self, config: Config) -> Result | None:
+        return self._results.get(config.key)
+
+    def results(self) -> list[Result]:
+        """Every stored result, in the order they were saved."""
+        return list(self._results.values())
+
+    def save(self, result: Result) -> None:
+        """Commit ``result`` as a finished trial (a config is stored once)."""
+        key = result.config.key
+        if key in self._results:
+            return
+        values = None
+        state = _STATES[result.status]
+        if state == TrialState.COMPLETE:
+            values = [result.metrics.get(o.metric, math.nan) for o in self.objectives]
+            if not all(math.isfinite(v) for v in values):
+                state = TrialState.FAIL
+                values = None
+        params, dists = {}, {}
+        for name, choice in ((n, result.config.get(n)) for n in self.space.names):
+            index = self._params[name].get(choice)
+            if index is not None:
+                params[name] = index
+                dists[name] = IntDistribution(0, len(self._params[name]) - 1)
+        intermediate = {}
+        if result.status == "pruned" and "accuracy" in result.metrics:
+            intermediate[0] = float(result.metrics["accuracy"])
+        trial = optuna.trial.create_trial(
+            state=state,
+            values=values,
+            params=params,
+            distributions=dists,
+            user_attrs={"result": json.dumps(result.to_json()), "key": key},
+            intermediate_values=intermediate,
+        )
+        self.study.add_trial(trial)
+        self._results[key] = result
+
+
+def space_signature(space: RankSpace) -> str:
+    """A short hash of the space (its sites and rank options)."""
+    text = json.dumps(space.to_json(), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _engine_kwargs(url: str) -> dict[str, Any]:
+    # SQLite: wait on a lock held by another process rather than failing at once.
+    return {"connect_args": {"timeout": 30}} if url.startswith("sqlite") else {}
+
+
+def read_study(url: str, study: str) -> tuple[list[Result], dict[str, Any]]:
+    """The results and the run description of a stored search, without its model."""
+    storage = open_storage(url)
+    try:
+        loaded = optuna.load_study(study_name=study, storage=storage)
+    except KeyError:
+        raise StoreError(
+            f"no study {study!r} in {url}; it holds {list_studies(url) or 'no studies'}"
+        ) from None
+    results = [
+        Result.from_json(json.loads(t.user_attrs["result"]))
+        for t in loaded.get_trials(deepcopy=False)
+        if "result" in t.user_attrs
+    ]
+    return results, dict(loaded.user_attrs.get("meta", {}))

@@ -1,0 +1,157 @@
+"""The strategy plugin interface, the context strategies see, and the registry.
+
+A strategy proposes rank configurations through an ask/tell loop (as Optuna samplers and
+pymoo algorithms do). Strategies are found through the entry-point group
+``ranksearch.strategies``; the built-in ones register there exactly as a third-party package
+would::
+
+    [project.entry-points."ranksearch.strategies"]
+    mine = "my_package.module:MyStrategy"
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from typing import Any, ClassVar
+
+import numpy as np
+
+from .cache import FactorCache
+from .constraints import Constraint
+from .cost import METRICS as PRICED
+from .cost import CostModel
+from .errors import RankSearchError
+from .pareto import Objective
+from .result import Result
+from .space import Config, RankSpace
+
+GROUP = "ranksearch.strategies"
+
+
+class StopSearch(Exception):
+    """Raised by `Strategy.ask` when the strategy has nothing more to propose."""
+
+
+class UnknownStrategyError(RankSearchError, KeyError):
+    """No strategy of that name is registered."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass
+class SearchContext:
+    """What a strategy may use: the space, exact costs, data-free signals, the constraints and
+    objectives, a seeded generator, the history so far, and ``evaluate`` for data of its own
+    (e.g. sensitivity probes), which goes through the executor and the store like any other
+    evaluation."""
+
+    space: RankSpace
+    costs: CostModel
+    cache: FactorCache
+    constraints: tuple[Constraint, ...]
+    objectives: tuple[Objective, ...]
+    rng: np.random.Generator
+    evaluations: int
+    history: list[Result] = field(default_factory=list)
+    evaluate: Callable[[Sequence[Config]], list[Result]] | None = None
+
+    def cost_constraints(self) -> tuple[Constraint, ...]:
+        """The constraints that can be checked before evaluation (everything but accuracy,
+        loss and latency)."""
+        return tuple(c for c in self.constraints if c.metric in PRICED)
+
+    def feasible(self, config: Config) -> bool:
+        """Whether ``config`` meets every cost constraint (checked without building it)."""
+        cons = self.cost_constraints()
+        if not cons:
+            return True
+        metrics = self.costs.metrics(config)
+        return all(c.satisfied(metrics) for c in cons)
+
+    def violation(self, config: Config) -> float:
+        """The total amount by which ``config`` violates the cost constraints (0 if none)."""
+        metrics = self.costs.metrics(config)
+        return sum(max(0.0, c.violation(metrics)) for c in self.cost_constraints())
+
+
+class Strategy:
+    """Base class of rank-search strategies.
+
+    Subclasses set ``name`` and ``description``, take their options as keyword arguments of
+    ``__init__``, and implement `ask` (a list of configs; an empty list means "waiting for
+    results"; raise `StopSearch` when done) and `tell`.
+    """
+
+    name: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+
+    def setup(self, ctx: SearchContext) -> None:
+        self.ctx = ctx
+
+    def ask(self) -> list[Config]:
+        raise NotImplementedError
+
+    def tell(self, results: Sequence[Result]) -> None:
+        """Receive the results of earlier asks (default: ignore them)."""
+
+
+def available_strategies() -> dict[str, type[Strategy]]:
+    """Every registered strategy, by name (loading each entry point)."""
+    found = {}
+    for ep in entry_points(group=GROUP):
+        found.setdefault(ep.name, ep)
+    return {name: _load(name, ep) for name, ep in sorted(found.items())}
+
+
+def load_strategy(name: str | Strategy, options: Mapping[str, Any] | None = None) -> Strategy:
+    """The strategy registered as ``name``, constructed with ``options``."""
+    if isinstance(name, Strategy):
+        if options:
+            raise RankSearchError("options apply to a strategy given by name, not an instance")
+        return name
+    eps = {ep.name: ep for ep in entry_points(group=GROUP)}
+    if name not in eps:
+        raise UnknownStrategyError(
+            f"unknown strategy {name!r}; available: {sorted(eps)}. Third-party strategies "
+            f"register under the entry-point group {GROUP!r}."
+        )
+    cls = _load(name, eps[name])
+    try:
+        return cls(**dict(options or {}))
+    except TypeError as e:
+        params = [p for p in inspect.signature(cls).parameters if p != "self"]
+        raise RankSearchError(
+            f"bad options for strategy {name!r}: {e}. It takes {params or 'no options'}."
+        ) from e
+
+
+def _load(name: str, ep: Any) -> type[Strategy]:
+    cls = ep.load()
+    if not (isinstance(cls, type) and issubclass(cls, Strategy)):
+        raise RankSearchError(
+            f"entry point {name!r} ({ep.value}) is not a ranksearch.strategy.Strategy subclass"
+        )
+    return cls
+
+
+def fit_to_budget(
+    ctx: SearchContext, make: Callable[[float], Config], lo: float, hi: float, iters: int = 40
+) -> float:
+    """The largest knob in [lo, hi] whose config ``make(knob)`` meets the cost constraints.
+
+    Assumes cost grows with the knob. Returns ``hi`` when it is feasible, and ``lo`` when
+    nothing is (the caller decides what to do with an infeasible ``make(lo)``).
+    """
+    if ctx.feasible(make(hi)):
+        return hi
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if ctx.feasible(make(mid)):
+            lo = mid
+        else:
+            hi = mid
+    return lo

@@ -1,0 +1,117 @@
+"""Baselines every smarter strategy must beat: uniform, rank ∝ channels, and random."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from ranksearch import factorize
+from ranksearch.space import Choice, Config, RankSpace, method_for
+from ranksearch.strategy import SearchContext, StopSearch, Strategy, fit_to_budget
+
+
+class _Sweep(Strategy):
+    """Proposes the configs of a one-knob family over a grid, most expensive first."""
+
+    low = 0.02
+
+    def __init__(self, points: Sequence[float] | None = None, count: int | None = None,
+                 method: str | None = None) -> None:
+        self.points = None if points is None else [float(p) for p in points]
+        self.count = count
+        self.method = method
+
+    def make(self, knob: float) -> Config:
+        raise NotImplementedError
+
+    def setup(self, ctx: SearchContext) -> None:
+        super().setup(ctx)
+        if self.points is None:
+            top = fit_to_budget(ctx, self.make, self.low, 1.0)
+            knobs = np.linspace(top, self.low, self.count or ctx.evaluations)
+        else:
+            knobs = sorted(self.points, reverse=True)
+        queue: dict[Config, None] = {}
+        for k in knobs:
+            queue.setdefault(self.make(float(k)))
+        self._queue = list(queue)
+
+    def ask(self) -> list[Config]:
+        if not self._queue:
+            raise StopSearch
+        return [self._queue.pop(0)]
+
+
+class Uniform(_Sweep):
+    """The same fraction of parameters in every layer, over a grid of fractions.
+
+    The convention of tensorly-torch (``rank=0.5``) and of the thesis that compared
+    decompositions with it. ``points``: the fractions (default: ``count`` fractions from the
+    largest that meets the budget down to 0.02); ``method``: one factorization for all sites
+    (default: each site's first).
+    """
+
+    name = "uniform"
+    description = "the same fraction of parameters in every layer, over a grid of fractions"
+
+    def make(self, knob: float) -> Config:
+        return self.ctx.space.uniform(knob, self.method)
+
+
+class Proportional(_Sweep):
+    """Rank proportional to channels: every site at the same fraction of its maximum rank
+    (each tuple component of its own maximum), swept like `Uniform`."""
+
+    name = "proportional"
+    description = "rank proportional to channels (one fraction of the maximum rank everywhere)"
+
+    def make(self, knob: float) -> Config:
+        return proportional(self.ctx.space, knob, self.method)
+
+
+class Random(Strategy):
+    """Configurations drawn uniformly over each site's choices; one that breaks a cost
+    constraint is repaired by lowering randomly chosen sites one grid step at a time."""
+
+    name = "random"
+    description = "uniform over the space, repaired to honour the constraints"
+
+    def __init__(self, batch: int = 1, dense: bool = True) -> None:
+        self.batch = batch
+        self.dense = dense
+
+    def ask(self) -> list[Config]:
+        return [self._draw() for _ in range(self.batch)]
+
+    def _draw(self) -> Config:
+        ctx = self.ctx
+        options = {n: ctx.space.choices(n)[: None if self.dense else -1] for n in ctx.space.names}
+        index = {n: int(ctx.rng.integers(len(o))) for n, o in options.items()}
+
+        def build() -> Config:
+            return Config({n: options[n][i] for n, i in index.items()})
+
+        config = build()
+        while not ctx.feasible(config):
+            lowerable = [n for n, i in index.items() if i > 0]
+            if not lowerable:
+                break
+            index[lowerable[int(ctx.rng.integers(len(lowerable)))]] -= 1
+            config = build()
+        return config
+
+
+def proportional(space: RankSpace, fraction: float, method: str | None = None) -> Config:
+    """Every site at the grid rank nearest ``fraction`` of its maximum rank."""
+    choices = {}
+    for site in space.decomposable:
+        m = method_for(site, method)
+        if m is None:
+            continue
+        top = factorize.get(m).max_rank(site)
+        target = np.atleast_1d(np.asarray(top, dtype=float)) * fraction
+        grid = space.ranks(site.name, m)
+        nearest = min(grid, key=lambda r: float(np.abs(np.atleast_1d(r) - target).sum()))
+        choices[site.name] = Choice(m, nearest)
+    return Config(choices)
