@@ -134,14 +134,20 @@ class Evaluator:
             proxy=self.settings.describe(),
         )
 
-    def validate(self, model: nn.Module) -> dict[str, float]:
-        """Accuracy and mean loss on the validation batches."""
+    def quick_accuracy(self, config: Config, batches: int = 1) -> float:
+        """Zero-shot accuracy of ``config`` on the first ``batches`` validation batches: a
+        cheap score (nothing trained, nothing stored), e.g. for beam search."""
+        candidate = compress(self.model, config, cache=self.cache).to(self.settings.device)
+        return self.validate(candidate, self._val[:batches])["accuracy"]
+
+    def validate(self, model: nn.Module, batches: list[tuple] | None = None) -> dict[str, float]:
+        """Accuracy and mean loss on the validation batches (or on ``batches``)."""
         device = self.settings.device
         model.eval()
         correct = total = 0
         loss = 0.0
         with torch.inference_mode():
-            for x, y in self._val:
+            for x, y in self._val if batches is None else batches:
                 x, y = x.to(device), y.to(device)
                 out = model(x)
                 loss += float(self.task.loss(out, y)) * len(y)

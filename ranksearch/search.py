@@ -123,22 +123,28 @@ def search(
     db = Store(url, name, space, objs, meta=run_meta)
     evaluator = Evaluator(model, task, proxy, space)
     runner = get_executor(executor)
-    loop = _Loop(db, evaluator, runner, evaluations, time_limit, progress)
+    loop = SearchLoop(db, evaluator, runner, evaluations, time_limit, progress)
     ctx = SearchContext(
         space=space, costs=costs, cache=evaluator.cache, constraints=cons, objectives=objs,
         rng=np.random.default_rng(seed), evaluations=evaluations, evaluate=loop.evaluate_now,
+        evaluator=evaluator,
     )
     loop.ctx = ctx
     strat.setup(ctx)
-    stopped = loop.run(strat)
+    driver = getattr(runner, "run", None)
+    stopped = driver(loop, strat) if driver is not None else loop.run(strat)
     return SearchResult(
         results=db.results(), objectives=objs, constraints=cons, space=space, costs=costs,
         store_url=url, study=name, stopped=stopped, evaluated=loop.evaluated, meta=run_meta,
     )
 
 
-class _Loop:
-    """The ask → dedupe → evaluate → store → tell cycle of one search."""
+class SearchLoop:
+    """The ask → dedupe → evaluate → store → tell cycle of one search.
+
+    `run` drives it in this process; an executor with a ``run(loop, strategy)`` method (Ray
+    Tune) drives it itself through `triage`, `record` and `exhausted`.
+    """
 
     def __init__(self, store: Store, evaluator: Evaluator, executor: Executor, evaluations: int,
                  time_limit: float | None, progress: bool) -> None:
@@ -156,7 +162,7 @@ class _Loop:
         idle = 0
         try:
             while True:
-                if (reason := self._exhausted()) is not None:
+                if (reason := self.exhausted()) is not None:
                     return reason
                 try:
                     configs = strategy.ask()
@@ -178,29 +184,39 @@ class _Loop:
             self.bar.close()
 
     def evaluate_now(self, configs: Sequence[Config]) -> list[Result]:
-        """Results for ``configs``: stored ones as they are, infeasible ones marked failed
-        (not stored), new ones evaluated and committed one by one."""
-        out: dict[str, Result] = {}
-        todo = []
+        """Results for ``configs``, in their order: stored ones as they are, infeasible ones
+        marked failed (not stored), new ones evaluated by the executor and committed one by
+        one as they finish."""
+        known, todo = self.triage(configs)
+        for result in self.executor.map(self.evaluator, todo):
+            self.record(result)
+            known[result.config.key] = result
+        return in_order(configs, known)
+
+    def triage(self, configs: Sequence[Config]) -> tuple[dict[str, Result], list[Config]]:
+        """Split ``configs`` into the results already known (stored, or infeasible by cost)
+        and the new configs to evaluate, deduplicated and within the evaluation budget."""
+        known: dict[str, Result] = {}
+        todo: dict[str, Config] = {}
         for config in configs:
             config = self.store.space.validate(config)
-            if config.key in out or any(c.key == config.key for c in todo):
+            if config.key in known or config.key in todo:
                 continue
-            known = self.store.get(config)
-            if known is not None:
-                out[config.key] = known
+            stored = self.store.get(config)
+            if stored is not None:
+                known[config.key] = stored
             elif not self.ctx.feasible(config):
-                out[config.key] = self._infeasible(config)
-            elif self._exhausted() is None and len(self.store) + len(todo) < self.evaluations:
-                todo.append(config)
-        for result in self.executor.map(self.evaluator, todo):
-            self.store.save(result)
-            self.evaluated += 1
-            out[result.config.key] = result
-            self.bar.update(1)
-            self._show_best()
-        order = {c.key: i for i, c in enumerate(configs)}
-        return sorted(out.values(), key=lambda r: order.get(r.config.key, len(order)))
+                known[config.key] = self._infeasible(config)
+            elif self.exhausted() is None and len(self.store) + len(todo) < self.evaluations:
+                todo[config.key] = config
+        return known, list(todo.values())
+
+    def record(self, result: Result) -> None:
+        """Commit a finished evaluation to the store (before anything else is asked)."""
+        self.store.save(result)
+        self.evaluated += 1
+        self.bar.update(1)
+        self._show_best()
 
     def _infeasible(self, config: Config) -> Result:
         metrics = self.ctx.costs.metrics(config)
@@ -208,7 +224,7 @@ class _Loop:
         return Result(config, metrics, "failed", f"infeasible: violates {', '.join(broken)}",
                       proxy="cost check")
 
-    def _exhausted(self) -> str | None:
+    def exhausted(self) -> str | None:
         if len(self.store) >= self.evaluations:
             return "finished"
         if self.deadline is not None and time.monotonic() >= self.deadline:
@@ -222,6 +238,12 @@ class _Loop:
                 f"best acc {top.metrics['accuracy']:.4f} at flops "
                 f"{top.metrics.get('flops_ratio', float('nan')):.3f}"
             )
+
+
+def in_order(configs: Sequence[Config], results: Mapping[str, Result]) -> list[Result]:
+    """``results`` (by config key) in the order of ``configs``."""
+    order = {c.key: i for i, c in enumerate(configs)}
+    return sorted(results.values(), key=lambda r: order.get(r.config.key, len(order)))
 
 
 def check_reachable(space: RankSpace, costs: CostModel, constraints: Sequence[Constraint]
@@ -262,4 +284,4 @@ def study_name(task: str, strategy: str, constraints: Sequence[Constraint],
     return f"{task}-{strategy}-{hashlib.sha256(spec.encode()).hexdigest()[:8]}"
 
 
-__all__ = ["SearchResult", "check_reachable", "search", "study_name"]
+__all__ = ["SearchLoop", "SearchResult", "check_reachable", "in_order", "search", "study_name"]

@@ -24,6 +24,7 @@ from .constraints import Constraint
 from .cost import METRICS as PRICED
 from .cost import CostModel
 from .errors import RankSearchError
+from .evaluate import Evaluator
 from .pareto import Objective
 from .result import Result
 from .space import Config, RankSpace
@@ -44,10 +45,12 @@ class UnknownStrategyError(RankSearchError, KeyError):
 
 @dataclass
 class SearchContext:
-    """What a strategy may use: the space, exact costs, data-free signals, the constraints and
-    objectives, a seeded generator, the history so far, and ``evaluate`` for data of its own
-    (e.g. sensitivity probes), which goes through the executor and the store like any other
-    evaluation."""
+    """What a strategy may use: the space, exact costs, data-free signals (``cache``: singular
+    values, factors), the constraints and objectives, a seeded generator, the history so far,
+    ``evaluate`` for evaluations of its own (e.g. sensitivity probes), which go through the
+    executor and the store like any other, and ``evaluator`` for cheap unstored scores
+    (`Evaluator.quick_accuracy`) and the task's data (``evaluator.task``, ``evaluator.model``).
+    """
 
     space: RankSpace
     costs: CostModel
@@ -58,6 +61,7 @@ class SearchContext:
     evaluations: int
     history: list[Result] = field(default_factory=list)
     evaluate: Callable[[Sequence[Config]], list[Result]] | None = None
+    evaluator: Evaluator | None = None
 
     def cost_constraints(self) -> tuple[Constraint, ...]:
         """The constraints that can be checked before evaluation (everything but accuracy,

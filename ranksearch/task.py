@@ -143,14 +143,10 @@ def _count_classes(data: Dataset) -> int:
     if isinstance(data, TensorDataset) and len(data.tensors) >= 2:
         labels = data.tensors[1]
     else:
-        labels = torch.as_tensor([int(y) for _, y in _iterate(data)])
+        labels = torch.as_tensor([int(data[i][1]) for i in range(len(data))])
     if labels.is_floating_point() or labels.is_complex():
         raise TaskError("labels must be integer class indices; pass num_classes= for other tasks")
     return int(labels.max()) + 1
-
-
-def _iterate(data: Dataset) -> Iterable[tuple[Any, Any]]:
-    return (data[i] for i in range(len(data)))
 
 
 # --------------------------------------------------------------------------- splits
@@ -626,7 +622,7 @@ def train_baseline(
 # per built-in task: the training options `pretrained` uses unless told otherwise
 TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": {"epochs": 10, "lr": 3e-3, "batch_size": 32},
-    "fashion-mnist": {"epochs": 10, "lr": 2e-3, "batch_size": 128},
+    "fashion-mnist": {"epochs": 5, "lr": 2e-3, "batch_size": 128},
     "cifar10": {"epochs": 30, "lr": 2e-3, "batch_size": 128},
 }
 _TRAIN_OPTIONS = ("epochs", "lr", "batch_size", "seed", "weight_decay")
@@ -645,7 +641,7 @@ def _fingerprint(task: Task) -> str:
         digest.update(str(len(data)).encode())
         if isinstance(data, TensorDataset):
             for tensor in data.tensors:
-                digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+                digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy())
     return digest.hexdigest()
 
 

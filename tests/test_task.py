@@ -73,6 +73,8 @@ def test_task_rejects_empty_and_float_labels() -> None:
         Task("t", full, empty)
     with pytest.raises(TaskError, match="integer class indices"):
         Task("t", TensorDataset(torch.zeros(3, 2), torch.zeros(3)), full)
+    with pytest.raises(TaskError, match="num_classes must be ≥ 1"):
+        Task("t", full, full, num_classes=0)
 
 
 def test_loader_is_seeded_and_checks_the_split() -> None:
@@ -433,7 +435,9 @@ def test_evaluate_accuracy_on_datasets_and_loaders() -> None:
     x = torch.tensor([[1.0], [-1.0], [2.0], [-3.0]])
     data = TensorDataset(x, torch.tensor([1, 0, 0, 0]))
     assert evaluate_accuracy(_FirstPixel(), data, batch_size=3) == 0.75
-    assert evaluate_accuracy(_FirstPixel(), DataLoader(data, batch_size=2)) == 0.75
+    model = _FirstPixel().train()
+    assert evaluate_accuracy(model, DataLoader(data, batch_size=2)) == 0.75
+    assert model.training  # the mode is restored
     with pytest.raises(TaskError, match="empty"):
         evaluate_accuracy(_FirstPixel(), TensorDataset(x[:0], torch.zeros(0).long()))
 
@@ -456,8 +460,9 @@ def test_train_baseline_is_deterministic_and_shows_progress(capsys) -> None:
     for progress in (False, True):
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
-        train_baseline(model, task, epochs=2, batch_size=8, seed=1, progress=progress)
+            model = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(16, 2))
+            torch.manual_seed(int(progress))  # dropout masks depend on `seed` only
+            train_baseline(model, task, epochs=2, batch_size=8, seed=1, progress=progress)
         states.append(model.state_dict())
     for name, value in states[0].items():
         assert torch.equal(value, states[1][name])

@@ -89,15 +89,18 @@ class _CP(Factorization):
                 f"{self.name} cannot decompose it"
             )
         tensor = _float64(weight).reshape(self.tensor_shape(site))
-        if tensor.norm() == 0:
+        peak = tensor.abs().max()  # fit at unit scale: no overflow, whatever the weight's scale
+        if False:
             factors = [tensor.new_zeros(n, rank) for n in tensor.shape]
         else:
-            factors = _balance(*self.fit(tensor, rank, **options))
-        self._check(site, rank, tensor, factors)
-        return {
-            name: f.to(dtype=weight.dtype, device=weight.device)
-            for name, f in zip(self.modes, factors, strict=True)
-        }
+            try:
+                weights, factors = self.fit(tensor / peak, rank, **options)
+            except DecompositionError as e:
+                raise self._failure(site, rank, str(e)) from e
+            factors = _balance(weights * peak, factors)
+        out = [f.to(dtype=weight.dtype, device=weight.device) for f in factors]
+        self._check(site, rank, tensor, [f.to(tensor) for f in out], peak)
+        return dict(zip(self.modes, out, strict=True))
 
     def fit(
         self,
@@ -134,7 +137,7 @@ class _CP(Factorization):
                     normalize_factors=True, random_state=seed,
                 )
         except np.linalg.LinAlgError as e:
-            raise DecompositionError(f"CP-ALS at rank {rank} failed: {e}") from e
+            raise DecompositionError(f"ALS met a singular system ({e})") from e
         return (
             torch.as_tensor(np.asarray(weights, dtype=np.float64), device=tensor.device),
             [torch.as_tensor(np.asarray(f, dtype=np.float64), device=tensor.device)
@@ -142,21 +145,31 @@ class _CP(Factorization):
         )
 
     def _check(
-        self, site: Site, rank: int, tensor: torch.Tensor, factors: list[torch.Tensor]
+        self,
+        site: Site,
+        rank: int,
+        tensor: torch.Tensor,
+        factors: list[torch.Tensor],
+        peak: torch.Tensor,
     ) -> None:
         """Refuse factors that are not finite or fit worse than zeros (a degenerate CP)."""
         finite = all(torch.isfinite(f).all() for f in factors)
         error = float("nan")
         if finite:
-            residual = (tensor - _reconstruct(factors)).norm()
-            scale = tensor.norm()
-            error = float(residual / scale) if scale > 0 else float(residual)
-        if not finite or not error <= 1 + 1e-6:
-            problem = "factors are not finite" if not finite else f"relative error is {error:.3g}"
-            raise DecompositionError(
-                f"{self.name} of layer {site.name!r} at rank {rank} failed: the {problem}. "
-                f"Try a lower rank or {self.alternative!r}."
-            )
+            scale = peak if peak > 0 else 1
+            residual = ((tensor - _reconstruct(factors)) / scale).norm()
+            norm = (tensor / scale).norm()
+            error = float(residual / norm) if norm > 0 else float(residual)
+        if not finite:
+            raise self._failure(site, rank, "the factors are not finite")
+        if not error <= 1 + 1e-6:
+            raise self._failure(site, rank, f"the relative error is {error:.3g}")
+
+    def _failure(self, site: Site, rank: int, problem: str) -> DecompositionError:
+        return DecompositionError(
+            f"{self.name} of layer {site.name!r} at rank {rank} failed: {problem}. "
+            f"Try a lower rank or {self.alternative!r}."
+        )
 
     # -- building -------------------------------------------------------------------------------
     @abstractmethod
@@ -170,14 +183,13 @@ class _CP(Factorization):
         factors: Factors | None = None,
         bias: torch.Tensor | None = None,
     ) -> nn.Sequential:
-        """The conv sequence at ``rank``, with weights from ``factors`` when given."""
+        """The conv sequence at ``rank``, with weights from ``factors`` when given, on their
+        dtype and device (else the bias's, else torch's defaults)."""
         rank = self.normalize_rank(site, rank)
         if bias is not None and not site.bias:
             raise NotAdmittedError(f"layer {site.name!r} has no bias, but a bias was given")
-        factory: dict[str, Any] = {}
-        if factors is not None:
-            first = factors[self.modes[0]]
-            factory = {"dtype": first.dtype, "device": first.device}
+        like = factors[self.modes[0]] if factors is not None else bias
+        factory = {} if like is None else {"dtype": like.dtype, "device": like.device}
         layers = self.layers(site, rank, **factory)
         with torch.no_grad():
             if factors is not None:
