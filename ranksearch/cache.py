@@ -68,6 +68,11 @@ class FactorCache:
         factors = self.factors(name, choice.method, choice.rank)
         return fac.build(site, choice.rank, factors, self._biases[name])
 
+    def weight(self, name: str) -> torch.Tensor:
+        """The dense weight of site ``name`` as it was when the cache was made (do not modify)."""
+        self.space.decomposable_site(name)
+        return self._weights[name]
+
     def singular_values(self, name: str) -> torch.Tensor:
         """Singular values (descending) of the site's weight as an out × (in·kh·kw) matrix."""
         if name not in self._spectra:

@@ -202,7 +202,7 @@ class SearchLoop:
             config = self.store.space.validate(config)
             if config.key in known or config.key in todo:
                 continue
-            stored = self.store.get(config)
+            stored = self.store.get(config, proxy=self.evaluator.settings.describe())
             if stored is not None:
                 known[config.key] = stored
             elif not self.ctx.feasible(config):

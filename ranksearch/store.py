@@ -118,11 +118,10 @@ class Store:
         self._params = {
             name: {c: i for i, c in enumerate(space.choices(name))} for name in space.names
         }
-        self._results: dict[str, Result] = {}
-        for trial in self.study.get_trials(deepcopy=False):
-            if "result" in trial.user_attrs:
-                result = Result.from_json(json.loads(trial.user_attrs["result"]))
-                self._results[result.config.key] = result
+        self._results = {r.config.key: r for r in _trial_results(self.study)}
+        self._shared: dict[tuple[str, str], Result] | None = None
+        self._storage = storage
+        self._signature = signature
 
     @property
     def name(self) -> str:
@@ -141,8 +140,26 @@ class Store:
     def __iter__(self) -> Iterator[Result]:
         return iter(self._results.values())
 
-    def get(self, config: Config) -> Result | None:
-        return self._results.get(config.key)
+    def get(self, config: Config, proxy: str | None = None) -> Result | None:
+        """The stored result of ``config`` in this search; with ``proxy``, also one made with
+        the same proxy by another search of the same space in this store (it is then copied
+        into this search, so a config is never evaluated twice in one store)."""
+        found = self._results.get(config.key)
+        if found is not None or proxy is None:
+            return found
+        if self._shared is None:
+            self._shared = {}
+            for summary in optuna.get_all_study_summaries(self._storage):
+                if summary.study_name == self.name:
+                    continue
+                other = optuna.load_study(study_name=summary.study_name, storage=self._storage)
+                if other.user_attrs.get("space") == self._signature:
+                    for r in _trial_results(other):
+                        self._shared.setdefault((r.config.key, r.proxy), r)
+        found = self._shared.get((config.key, proxy))
+        if found is not None:
+            self.save(found)
+        return found
 
     def results(self) -> list[Result]:
         """Every stored result, in the order they were saved."""
@@ -181,6 +198,14 @@ class Store:
         self._results[key] = result
 
 
+def _trial_results(study: optuna.Study) -> list[Result]:
+    return [
+        Result.from_json(json.loads(t.user_attrs["result"]))
+        for t in study.get_trials(deepcopy=False)
+        if "result" in t.user_attrs
+    ]
+
+
 def space_signature(space: RankSpace) -> str:
     """A short hash of the space (its sites and rank options)."""
     text = json.dumps(space.to_json(), sort_keys=True)
@@ -201,9 +226,4 @@ def read_study(url: str, study: str) -> tuple[list[Result], dict[str, Any]]:
         raise StoreError(
             f"no study {study!r} in {url}; it holds {list_studies(url) or 'no studies'}"
         ) from None
-    results = [
-        Result.from_json(json.loads(t.user_attrs["result"]))
-        for t in loaded.get_trials(deepcopy=False)
-        if "result" in t.user_attrs
-    ]
-    return results, dict(loaded.user_attrs.get("meta", {}))
+    return _trial_results(loaded), dict(loaded.user_attrs.get("meta", {}))

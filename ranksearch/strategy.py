@@ -12,6 +12,7 @@ would::
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
@@ -30,6 +31,7 @@ from .result import Result
 from .space import Config, RankSpace
 
 GROUP = "ranksearch.strategies"
+log = logging.getLogger(__name__)
 
 
 class StopSearch(Exception):
@@ -103,12 +105,56 @@ class Strategy:
         """Receive the results of earlier asks (default: ignore them)."""
 
 
+class SweepStrategy(Strategy):
+    """A one-knob family of configs, ``make(knob)``, whose cost grows with the knob.
+
+    Proposes ``count`` configs (default: the evaluation budget) from the largest knob in
+    [``low``, ``high``] that meets the cost constraints down to ``low`` — so it both meets a
+    budget and traces a front below it — or exactly the knobs in ``points``. Most expensive
+    first; duplicates (knobs that round to the same ranks) are proposed once.
+    """
+
+    low: ClassVar[float] = 0.02
+    high: ClassVar[float] = 1.0
+
+    def __init__(self, points: Sequence[float] | None = None, count: int | None = None) -> None:
+        self.points = None if points is None else [float(p) for p in points]
+        self.count = count
+
+    def make(self, knob: float) -> Config:
+        raise NotImplementedError
+
+    def setup(self, ctx: SearchContext) -> None:
+        super().setup(ctx)
+        if self.points is None:
+            top = fit_to_budget(ctx, self.make, self.low, self.high)
+            knobs = np.linspace(top, self.low, self.count or ctx.evaluations)
+        else:
+            knobs = sorted(self.points, reverse=True)
+        queue: dict[Config, None] = {}
+        for knob in knobs:
+            queue.setdefault(self.make(float(knob)))
+        self._queue = list(queue)
+
+    def ask(self) -> list[Config]:
+        if not self._queue:
+            raise StopSearch
+        return [self._queue.pop(0)]
+
+
 def available_strategies() -> dict[str, type[Strategy]]:
-    """Every registered strategy, by name (loading each entry point)."""
+    """Every registered strategy that loads, by name (a plugin that fails to import is
+    skipped with a warning)."""
     found = {}
     for ep in entry_points(group=GROUP):
         found.setdefault(ep.name, ep)
-    return {name: _load(name, ep) for name, ep in sorted(found.items())}
+    loaded = {}
+    for name, ep in sorted(found.items()):
+        try:
+            loaded[name] = _load(name, ep)
+        except (ImportError, RankSearchError) as e:
+            log.warning("strategy plugin %r (%s) does not load: %s", name, ep.value, e)
+    return loaded
 
 
 def load_strategy(name: str | Strategy, options: Mapping[str, Any] | None = None) -> Strategy:

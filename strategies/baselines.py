@@ -8,42 +8,10 @@ import numpy as np
 
 from ranksearch import factorize
 from ranksearch.space import Choice, Config, RankSpace, method_for
-from ranksearch.strategy import SearchContext, StopSearch, Strategy, fit_to_budget
+from ranksearch.strategy import Strategy, SweepStrategy
 
 
-class _Sweep(Strategy):
-    """Proposes the configs of a one-knob family over a grid, most expensive first."""
-
-    low = 0.02
-
-    def __init__(self, points: Sequence[float] | None = None, count: int | None = None,
-                 method: str | None = None) -> None:
-        self.points = None if points is None else [float(p) for p in points]
-        self.count = count
-        self.method = method
-
-    def make(self, knob: float) -> Config:
-        raise NotImplementedError
-
-    def setup(self, ctx: SearchContext) -> None:
-        super().setup(ctx)
-        if self.points is None:
-            top = fit_to_budget(ctx, self.make, self.low, 1.0)
-            knobs = np.linspace(top, self.low, self.count or ctx.evaluations)
-        else:
-            knobs = sorted(self.points, reverse=True)
-        queue: dict[Config, None] = {}
-        for k in knobs:
-            queue.setdefault(self.make(float(k)))
-        self._queue = list(queue)
-
-    def ask(self) -> list[Config]:
-        if not self._queue:
-            raise StopSearch
-        return [self._queue.pop(0)]
-
-
-class Uniform(_Sweep):
+class Uniform(SweepStrategy):
     """The same fraction of parameters in every layer, over a grid of fractions.
 
     The convention of tensorly-torch (``rank=0.5``) and of the thesis that compared
@@ -55,16 +23,26 @@ class Uniform(_Sweep):
     name = "uniform"
     description = "the same fraction of parameters in every layer, over a grid of fractions"
 
+    def __init__(self, points: Sequence[float] | None = None, count: int | None = None,
+                 method: str | None = None) -> None:
+        super().__init__(points, count)
+        self.method = method
+
     def make(self, knob: float) -> Config:
         return self.ctx.space.uniform(knob, self.method)
 
 
-class Proportional(_Sweep):
+class Proportional(SweepStrategy):
     """Rank proportional to channels: every site at the same fraction of its maximum rank
     (each tuple component of its own maximum), swept like `Uniform`."""
 
     name = "proportional"
     description = "rank proportional to channels (one fraction of the maximum rank everywhere)"
+
+    def __init__(self, points: Sequence[float] | None = None, count: int | None = None,
+                 method: str | None = None) -> None:
+        super().__init__(points, count)
+        self.method = method
 
     def make(self, knob: float) -> Config:
         return proportional(self.ctx.space, knob, self.method)

@@ -227,6 +227,17 @@ def test_a_singular_als_system_raises(method, monkeypatch):
         get(method).decompose(torch.randn(6, 5, 3, 3), site, 3)
 
 
+@pytest.mark.parametrize("method", ALS)
+def test_als_refuses_a_khatri_rao_product_over_its_memory_limit(method):
+    site = Site.from_module("block.conv", nn.Conv2d(5, 6, 3))
+    weight = torch.randn(6, 5, 3, 3)
+    # the largest product is (270 / 3) × 4 entries for cp4, (270 / 5) × 4 for cp3
+    limit = 8 * 4 * (90 if method == "cp4" else 54)
+    get(method).decompose(weight, site, 4, memory_max=limit)
+    with pytest.raises(DecompositionError, match=r"block\.conv.*rank 4.*GiB.*_tpm"):
+        get(method).decompose(weight, site, 4, memory_max=limit - 1)
+
+
 @pytest.mark.parametrize("method", TPM)
 def test_nan_factors_from_tpm_raise(method, monkeypatch):
     def nan_fit(self, tensor, rank, **options):

@@ -219,3 +219,21 @@ def test_unwritable_output_folder(digits_model, digits, tmp_path):
         assert not (locked / "out").exists()
     finally:
         locked.chmod(0o700)
+
+
+def test_other_searches_in_the_store_are_reused(digits_model, digits, tmp_path):
+    first = run(digits_model, digits, tmp_path, strategy="uniform", evaluations=4,
+                strategy_options={"points": [0.9, 0.6, 0.3, 0.2]})
+    assert first.evaluated == 4
+    # another search (another study) in the same store asks two of the same configs
+    second = run(digits_model, digits, tmp_path, strategy="uniform", evaluations=3,
+                 strategy_options={"points": [0.6, 0.3, 0.45]})
+    assert second.study != first.study
+    assert second.evaluated == 1 and len(second.results) == 3
+    reused = {r.config.key: r for r in first.results}
+    assert sum(r.config.key in reused and r == reused[r.config.key]
+               for r in second.results) == 2
+    # a different proxy is a different measurement: nothing is reused
+    third = run(digits_model, digits, tmp_path, strategy="uniform", evaluations=2,
+                strategy_options={"points": [0.6, 0.3]}, proxy=ProxySettings(steps=0))
+    assert third.evaluated == 2

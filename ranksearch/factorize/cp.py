@@ -17,8 +17,8 @@ column per component (``out`` T×R, ``in`` S×R, and ``spatial`` (kh·kw)×R or 
 and ``width`` kw×R); the component weights are absorbed and every component has the same
 column norm in every mode, so no factor grows while another shrinks.
 
-CP is not nested across ranks, so these factorizations are not sliceable: each rank is
-decomposed on its own.
+ALS fits are not nested across ranks, so these factorizations are not sliceable: each rank is
+decomposed on its own (TPM components are nested, and a rank costs only its own components).
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class _CP(Factorization):
             )
         tensor = _float64(weight).reshape(self.tensor_shape(site))
         peak = tensor.abs().max()  # fit at unit scale: no overflow, whatever the weight's scale
-        if False:
+        if peak == 0:
             factors = [tensor.new_zeros(n, rank) for n in tensor.shape]
         else:
             try:
@@ -111,14 +111,17 @@ class _CP(Factorization):
         tol: float = 1e-8,
         svd_init_max: int = 2**22,
         seed: int = 0,
+        memory_max: int = 2**31,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """CP-ALS (tensorly ``parafac`` on the numpy backend, in float64).
 
         ``n_iter`` sweeps at most, stopping when the relative error changes by less than
         ``tol``. Initialized from the leading singular vectors of the unfoldings, or, for
         tensors of more than ``svd_init_max`` entries (a memory guard), from factors drawn
-        with ``seed``.
-        Returns the component weights and the (unit-column) factors.
+        with ``seed``. Each sweep forms a Khatri-Rao product of (entries / mode size) × rank
+        for every mode; above ``memory_max`` bytes it raises `DecompositionError` instead (the
+        process would hold a few times that). Returns the component weights and the
+        (unit-column) factors.
         """
         import warnings
 
@@ -126,6 +129,12 @@ class _CP(Factorization):
         import tensorly as tl
         from tensorly.decomposition import parafac
 
+        kr_bytes = 8 * rank * max(tensor.numel() // n for n in tensor.shape)
+        if kr_bytes > memory_max:
+            raise DecompositionError(
+                f"ALS would form a {kr_bytes / 2**30:.1f} GiB Khatri-Rao product, more than "
+                f"memory_max={memory_max} bytes"
+            )
         array = tensor.cpu().numpy()
         init = "svd" if array.size <= svd_init_max else "random"
         try:
