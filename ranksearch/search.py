@@ -81,6 +81,7 @@ def search(
     evaluations: int = 40,
     time_limit: float | None = None,
     executor: str | Executor = "local",
+    executor_options: Mapping[str, Any] | None = None,
     store: str | None = None,
     study: str | None = None,
     out: str = "ranksearch-out",
@@ -100,6 +101,8 @@ def search(
     resumes. Stops after ``evaluations`` stored results, after ``time_limit`` seconds, when the
     strategy is done, or on Ctrl-C (``stopped`` says which).
 
+    ``executor`` is "local" (this process) or "ray" (Ray Tune; ``executor_options`` such as
+    ``address``, ``cpus_per_trial``, ``max_concurrent``, ``early_stop``).
     ``constraints`` are strings like ``"flops<=0.5"`` (a ratio of the dense model) or
     ``"params<=2e6"`` (absolute); ``store`` is a database URL (default: SQLite in ``out``).
     """
@@ -122,7 +125,7 @@ def search(
                 **dict(meta or {})}
     db = Store(url, name, space, objs, meta=run_meta)
     evaluator = Evaluator(model, task, proxy, space)
-    runner = get_executor(executor)
+    runner = get_executor(executor, **dict(executor_options or {}))
     loop = SearchLoop(db, evaluator, runner, evaluations, time_limit, progress)
     ctx = SearchContext(
         space=space, costs=costs, cache=evaluator.cache, constraints=cons, objectives=objs,
