@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import FactorCache
-from .cost import CostModel
+from .cost import CostModel, measure_latency
 from .errors import RankSearchError
 from .result import Result
 from .space import Config, RankSpace
@@ -38,6 +38,8 @@ class ProxySettings:
     the dense model when ``distill`` > 0 (the weight of the KD term, temperature
     ``temperature``). Accuracy is reported every ``report_every`` steps. A loss that is not
     finite, or that exceeds ``diverge_factor`` times the first loss, fails the candidate.
+    ``latency=True`` measures each candidate's median latency (batch 1, ``latency_repeats``
+    runs) on the device; the search turns it on when a constraint or objective names latency.
     """
 
     steps: int = 0
@@ -54,6 +56,8 @@ class ProxySettings:
     diverge_factor: float = 100.0
     seed: int = 0
     device: str = "cpu"
+    latency: bool = False
+    latency_repeats: int = 10
 
     def __post_init__(self) -> None:
         if self.steps < 0 or self.batch_size < 1 or self.lr <= 0 or self.report_every < 1:
@@ -102,6 +106,7 @@ class Evaluator:
         self.cache = cache or FactorCache(model, self.space)
         self.costs = CostModel(self.space)
         self._val = _batches(task, "val", settings.eval_batch_size, settings.eval_batches)
+        self._dense_latency: float | None = None
 
     def __call__(self, config: Config, report: Reporter | None = None) -> Result:
         start = time.perf_counter()
@@ -110,6 +115,8 @@ class Evaluator:
         try:
             candidate = compress(self.model, config, cache=self.cache)
             candidate.to(self.settings.device)
+            if self.settings.latency:
+                metrics.update(self.latency(candidate))
             stopped = False
             if self.settings.steps:
                 with torch.random.fork_rng(devices=[]):
@@ -133,6 +140,16 @@ class Evaluator:
             wall_time=time.perf_counter() - start,
             proxy=self.settings.describe(),
         )
+
+    def latency(self, model: nn.Module) -> dict[str, float]:
+        """Median latency (seconds, batch 1) of ``model`` and its ratio to the dense model's."""
+        example = self.task.example_input().to(self.settings.device)
+        repeats = self.settings.latency_repeats
+        if self._dense_latency is None:
+            self._dense_latency = measure_latency(self.model.to(self.settings.device), example,
+                                                  warmup=3, repeats=repeats)
+        seconds = measure_latency(model, example, warmup=3, repeats=repeats)
+        return {"latency": seconds, "latency_ratio": seconds / self._dense_latency}
 
     def quick_accuracy(self, config: Config, batches: int = 1) -> float:
         """Zero-shot accuracy of ``config`` on the first ``batches`` validation batches: a

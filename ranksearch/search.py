@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -111,6 +111,8 @@ def search(
     proxy = proxy or ProxySettings()
     cons = parse_constraints(constraints)
     objs = parse_objectives(objectives)
+    if any(x.metric == "latency" for x in (*cons, *objs)) and not proxy.latency:
+        proxy = replace(proxy, latency=True)
     strat = load_strategy(strategy, strategy_options)
     if space is None:
         space = RankSpace.discover(model, task.example_input(), methods=methods,

@@ -237,3 +237,15 @@ def test_other_searches_in_the_store_are_reused(digits_model, digits, tmp_path):
     third = run(digits_model, digits, tmp_path, strategy="uniform", evaluations=2,
                 strategy_options={"points": [0.6, 0.3]}, proxy=ProxySettings(steps=0))
     assert third.evaluated == 2
+
+
+def test_latency_constraint_measures_candidates(digits_model, digits, tmp_path):
+    result = run(digits_model, digits, tmp_path, strategy="uniform", evaluations=3,
+                 constraints=["latency<=5x"], proxy=ProxySettings(steps=0))
+    dense = [r.metrics["latency"] / r.metrics["latency_ratio"] for r in result.results]
+    assert dense[0] > 0 and dense == pytest.approx([dense[0]] * 3)  # one dense measurement
+    assert all(r.metrics["latency"] > 0 for r in result.results)
+    assert all(r.metrics["latency_ratio"] <= 5 for r in result.front())
+    impossible = run(digits_model, digits, tmp_path / "b", strategy="uniform", evaluations=2,
+                     constraints=["latency<=1e-9s"], proxy=ProxySettings(steps=0))
+    assert impossible.front() == [] and len(impossible.results) == 2
