@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from . import factorize
+from .clone import clone_module
 from .factorize import Factors
 from .space import Choice, Rank, RankSpace, Site
 
@@ -39,6 +40,7 @@ class FactorCache:
         self._sliced: dict[tuple[str, str], tuple[Rank, Factors]] = {}
         self._per_rank: dict[tuple[str, str, Rank], Factors] = {}
         self._spectra: dict[str, torch.Tensor] = {}
+        self._built: dict[tuple[str, Choice], nn.Module] = {}
         self.decompositions: Counter[tuple[str, str]] = Counter()
 
     def factors(self, name: str, method: str, rank: Rank) -> Factors:
@@ -62,11 +64,17 @@ class FactorCache:
         return factors
 
     def build(self, name: str, choice: Choice) -> nn.Module:
-        """The factorized module for ``choice`` on site ``name``, weights set from the cache."""
-        site = self.space.decomposable_site(name)
-        fac = factorize.get(choice.method)
-        factors = self.factors(name, choice.method, choice.rank)
-        return fac.build(site, choice.rank, factors, self._biases[name])
+        """The factorized module for ``choice`` on site ``name``, weights set from the cache.
+
+        Each (site, choice) is built once; later calls return a copy of that module.
+        """
+        key = (name, choice)
+        if key not in self._built:
+            site = self.space.decomposable_site(name)
+            fac = factorize.get(choice.method)
+            factors = self.factors(name, choice.method, choice.rank)
+            self._built[key] = fac.build(site, choice.rank, factors, self._biases[name])
+        return clone_module(self._built[key])
 
     def weight(self, name: str) -> torch.Tensor:
         """The dense weight of site ``name`` as it was when the cache was made (do not modify)."""

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 from optuna.distributions import IntDistribution
 from optuna.trial import TrialState
 
@@ -59,13 +60,26 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         if not os.access(parent, os.W_OK):
             raise StoreError(f"the store's folder {parent} is not writable (store URL {url})")
     try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
+        storage = optuna.storages.RDBStorage(url, engine_kwargs=_engine_kwargs(url))
     except Exception as e:  # SQLAlchemy and driver errors vary by backend
         raise StoreError(
             f"cannot open the store at {url!r} ({type(e).__name__}: {e}). Check the URL, that "
             "the database server is reachable and its driver installed, or use the default "
             "SQLite store in the output folder."
         ) from e
+    if url.startswith("sqlite"):
+        # Write-ahead log: readers (optuna-dashboard, `ranksearch report`) work while a search
+        # writes, and a killed process never leaves a half-written commit behind.
+        sqlalchemy.event.listen(storage.engine, "connect", _sqlite_pragmas)
+        storage.engine.dispose()
+    return storage
+
+
+def _sqlite_pragmas(connection: Any, _record: Any) -> None:
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
 
 
 def list_studies(url: str) -> list[str]:

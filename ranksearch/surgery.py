@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from pathlib import Path
@@ -12,6 +11,7 @@ from torch import nn
 
 from . import factorize
 from .cache import FactorCache
+from .clone import clone_module
 from .errors import ConfigError, RankSearchError, UnknownLayerError
 from .space import Config, Site
 
@@ -50,8 +50,7 @@ def compress(
         built.train(module.training)
         targets[name] = (module, built)
     # Copy everything but the replaced layers (their weights would be copied for nothing).
-    memo = {id(module): built for module, built in targets.values()}
-    return copy.deepcopy(model, memo)
+    return clone_module(model, {id(module): built for module, built in targets.values()})
 
 
 def save(path: str | os.PathLike, model: nn.Module, config: Config) -> Path:

@@ -25,7 +25,7 @@ def make_model() -> nn.Module:
     ).eval()
 
 
-X = torch.randn(4, 3, 8, 8)
+X = torch.randn(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))
 
 
 @pytest.fixture
@@ -87,14 +87,19 @@ def test_cached_build_equals_direct_decomposition(setup):
     assert rel(via_cache(X), direct(X)) < 1e-5
 
 
-def test_error_decreases_with_rank(setup):
-    model, space, cache = setup
+def test_error_decreases_with_rank():
+    # one linear operator: channel SVD error falls with rank (Eckart–Young); a deep nonlinear
+    # model carries no such guarantee end to end
+    conv = nn.Conv2d(6, 10, 3, padding=1).eval()
+    x = torch.randn(3, 6, 8, 8, generator=torch.Generator().manual_seed(1))
+    space = RankSpace.discover(conv, x[:1], methods=["svd"])
+    cache = FactorCache(conv, space)
     errors = [
-        rel(ranksearch.compress(model, space.uniform(f, "svd"), cache=cache)(X), model(X))
-        for f in (0.1, 0.3, 0.6, 1.0)
+        rel(ranksearch.compress(conv, Config({"": Choice("svd", r)}), cache=cache)(x), conv(x))
+        for r in space.ranks("", "svd")
     ]
     assert all(a >= b - 1e-6 for a, b in itertools.pairwise(errors))
-    assert errors[0] > 1e-3
+    assert errors[0] > 1e-2 and errors[-1] < 1e-5
 
 
 def test_save_load_round_trip(setup, tmp_path):
