@@ -29,7 +29,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Literal
+from typing import Any, Literal
 
 from .errors import ConstraintError
 
@@ -84,6 +84,17 @@ def _number(value: float) -> str:
     if value.is_integer() and abs(value) < 1e15:
         return str(int(value))
     return repr(value)
+
+
+def metric_value(metrics: Mapping[str, Any], key: str) -> float:
+    """``metrics[key]`` as a float; NaN when missing or not a number."""
+    value = metrics.get(key)
+    if value is None or isinstance(value, bool):
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
 
 
 @dataclass(frozen=True)
@@ -211,13 +222,7 @@ class Constraint:
         return f"{self.metric}_ratio" if self.relative else self.metric
 
     def _read(self, metrics: Mapping[str, float]) -> float:
-        value = metrics.get(self.key)
-        if value is None or isinstance(value, bool):
-            return math.nan
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            return math.nan
+        return metric_value(metrics, self.key)
 
     def satisfied(self, metrics: Mapping[str, float]) -> bool:
         """Whether ``metrics`` meet the bound; a missing or NaN entry never does."""

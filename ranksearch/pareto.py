@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .constraints import COST_METRICS, Constraint, parse_constraints
+from .constraints import COST_METRICS, Constraint, metric_value, parse_constraints
 from .errors import ConstraintError
 from .result import Result
 
@@ -90,7 +90,7 @@ class Objective:
 
     def value(self, metrics: Mapping[str, Any]) -> float:
         """The metric's value, NaN when missing or not a number."""
-        return _read(metrics, self.metric)
+        return metric_value(metrics, self.metric)
 
     def cost(self, metrics: Mapping[str, Any]) -> float:
         """The value in minimization form (negated for max objectives)."""
@@ -119,16 +119,6 @@ def parse_objectives(items: Iterable[str | Objective] | str | Objective) -> tupl
     if repeated:
         raise ConstraintError(f"objective metric(s) {repeated} listed more than once")
     return tuple(out)
-
-
-def _read(metrics: Mapping[str, Any], key: str) -> float:
-    value = metrics.get(key)
-    if value is None or isinstance(value, bool):
-        return math.nan
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
 
 
 def cost_matrix(results: Sequence[Result], objectives: Iterable[str | Objective]) -> np.ndarray:
@@ -306,7 +296,7 @@ def reference_point(
         elif o.direction == "max":
             value = 0.0
         else:
-            dense = _read(dense_metrics, o.metric)
+            dense = metric_value(dense_metrics, o.metric)
             if math.isnan(dense) and o.metric.endswith("_ratio"):
                 dense = 1.0
             if math.isnan(dense):
@@ -368,7 +358,7 @@ def best(
         return None
 
     def key(r: Result) -> tuple[float, float, float]:
-        flops, params = _read(r.metrics, "flops"), _read(r.metrics, "params")
+        flops, params = metric_value(r.metrics, "flops"), metric_value(r.metrics, "params")
         return (
             objective.cost(r.metrics),
             math.inf if math.isnan(flops) else flops,

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .constraints import COST_METRICS, Constraint, parse_constraints
+from .constraints import COST_METRICS, Constraint, metric_value, parse_constraints
 from .errors import ConstraintError
 from .pareto import Objective, eligible, front, parse_objectives
 from .result import Result
@@ -64,17 +64,6 @@ def format_config(config: Config, width: int | None = None) -> str:
     return text
 
 
-def _value(metrics: Mapping[str, Any], key: str) -> float:
-    """``metrics[key]`` as a float; NaN when missing or not a number."""
-    value = metrics.get(key)
-    if value is None or isinstance(value, bool):
-        return math.nan
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        return math.nan
-
-
 def _count(x: float) -> str:
     """A count with a k/M/G suffix: ``1234567`` → ``"1.23M"``."""
     for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
@@ -86,7 +75,7 @@ def _count(x: float) -> str:
 def _cell(metrics: Mapping[str, Any], key: str) -> str:
     """One table cell: counts with a suffix, ratios as ``0.450x``, accuracy to 4 decimals,
     anything else to 4 significant digits; ``-`` when missing."""
-    x = _value(metrics, key)
+    x = metric_value(metrics, key)
     if math.isnan(x):
         return "-"
     if key.endswith("_ratio"):
@@ -264,7 +253,8 @@ def _dense_value(results: Iterable[Result], metric: str) -> float | None:
     """The dense model's ``metric``, read as ``metric / metric_ratio`` from the first result
     that has both (None when none has)."""
     for r in results:
-        absolute, ratio = _value(r.metrics, metric), _value(r.metrics, f"{metric}_ratio")
+        absolute = metric_value(r.metrics, metric)
+        ratio = metric_value(r.metrics, f"{metric}_ratio")
         if math.isfinite(absolute) and math.isfinite(ratio) and ratio > 0:
             return absolute / ratio
     return None
