@@ -114,8 +114,9 @@ class SweepStrategy(Strategy):
     first; duplicates (knobs that round to the same ranks) are proposed once.
     """
 
-    low: ClassVar[float] = 0.02
-    high: ClassVar[float] = 1.0
+    #: the knob's range; a subclass may set either per instance in ``setup``
+    low: float = 0.02
+    high: float = 1.0
 
     def __init__(self, points: Sequence[float] | None = None, count: int | None = None) -> None:
         self.points = None if points is None else [float(p) for p in points]

@@ -65,8 +65,9 @@ def evbmf(y: torch.Tensor | np.ndarray) -> VBMFResult:
 
     The answer does not depend on orientation (``y`` and its transpose agree). Degenerate
     input has a defined answer: an empty or all-zero matrix gives rank 0 and σ² = 0; a single
-    row or column, and any L = M ≤ 3, gives rank 0 (EVB keeps at most ⌈L/(1+α)⌉ − 1
-    components); an exactly low-rank matrix gives its rank with σ² near 0.
+    row or column, or a 2×2 matrix, gives rank 0 (EVB keeps at most ⌈L/(1+α)⌉ − 1
+    components); an exactly low-rank matrix gives its rank with σ² near 0; pure noise gives
+    rank 0 (or rarely 1). Non-finite entries are a `RankSearchError`.
     """
     a = y.detach().cpu().double().numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
     if a.ndim != 2:
@@ -81,14 +82,16 @@ def evbmf(y: torch.Tensor | np.ndarray) -> VBMFResult:
 
 def _evbmf(s: np.ndarray, big_l: int, big_m: int) -> VBMFResult:
     """EVBMF from the L singular values ``s`` (descending) of an L×M matrix, L ≤ M."""
-    upper = float(np.sum(s**2)) / (big_l * big_m)
-    if upper == 0.0:
+    scale = float(s[0])
+    if scale == 0.0:
         return VBMFResult(0, 0.0, 0.0, ())
+    s = s / scale  # solved at σ_1 = 1, so no magnitude overflows; σ² scales by σ_1²
+    upper = float(np.sum(s**2)) / (big_l * big_m)
     alpha = big_l / big_m
     tb = tau_bar(alpha)
     x_bar = (1 + tb) * (1 + alpha / tb)
     # the largest rank EVB can return, and the σ² bounds it implies (NeurIPS 2012, Thm. 2)
-    h_bar = min(math.ceil(big_l / (1 + alpha)) - 1, big_l - 1)
+    h_bar = math.ceil(big_l / (1 + alpha)) - 1  # < L, as L/(1+α) < L
     tail = s[h_bar:] ** 2
     lower = max(float(tail[0]) / (big_m * x_bar), float(tail.mean()) / big_m)
     g = (s / math.sqrt(upper)) ** 2 / big_m  # γ_h²/(M·σ²_upper): σ² is searched as a fraction
@@ -118,7 +121,8 @@ def _evbmf(s: np.ndarray, big_l: int, big_m: int) -> VBMFResult:
     q = 1 - (big_l + big_m) * sigma2 / kept**2
     shrunk = kept / 2 * (q + np.sqrt(np.maximum(q**2 - 4 * big_l * big_m * sigma2**2 / kept**4,
                                                 0.0)))
-    return VBMFResult(len(kept), sigma2, threshold, tuple(float(v) for v in shrunk))
+    return VBMFResult(len(kept), sigma2 * scale**2, threshold * scale,
+                      tuple(float(v) * scale for v in shrunk))
 
 
 def unfold(weight: torch.Tensor, mode: int) -> torch.Tensor:

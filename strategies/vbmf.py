@@ -1,0 +1,142 @@
+"""VBMF ranks (Kim et al. 2016), weakened towards full rank (MUSCO, Gusak et al. 2019)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from ranksearch import factorize
+from ranksearch.errors import RankSearchError
+from ranksearch.space import Choice, Config, Rank, RankSpace, method_for
+from ranksearch.strategy import SearchContext, SweepStrategy, fit_to_budget
+from ranksearch.vbmf import SUPPORTED, site_vbmf_rank, snap
+
+log = logging.getLogger(__name__)
+
+
+class VBMF(SweepStrategy):
+    """Empirical VBMF ranks, and a sweep between them and full rank.
+
+    Each site's rank is the EVBMF rank of its matrices (`ranksearch.vbmf.site_vbmf_rank`:
+    Nakajima et al., JMLR 2013), as Kim et al. ("Compression of deep convolutional neural
+    networks for fast and low power mobile applications", ICLR 2016) chose Tucker-2 ranks.
+    ``one_shot=True`` proposes only that config. Otherwise the knob is MUSCO's weakening
+    factor w (Gusak et al., "Automated multi-stage compression of neural networks", ICCV
+    Workshops 2019): rank = vbmf + w·(max − vbmf) for w in [0, 1], swept from the largest w
+    that meets the budget down to 0 (``points``: exactly these w). When even the VBMF ranks
+    break the budget, the knob extends below VBMF: for w in [−1, 0) the ranks are
+    vbmf·(1 + w), down to the grid minimum at w = −1 (one-shot then proposes the largest such
+    w that fits). Ranks snap up to the site's grid, component by component. ``method``: one
+    factorization for all sites (default: each site's first); sites it does not apply to, and
+    TT/TR sites (whose ranks are not matrix ranks), stay dense.
+    """
+
+    name = "vbmf"
+    description = "empirical VBMF ranks (Kim et al.), weakened towards full rank (MUSCO)"
+
+    def __init__(self, one_shot: bool = False, points: Sequence[float] | None = None,
+                 count: int | None = None, method: str | None = None) -> None:
+        if not isinstance(one_shot, bool):
+            raise RankSearchError(f"vbmf: one_shot must be true or false, got {one_shot!r}")
+        points = check_values(points, -1.0, 1.0, "points (weakening factors)", self.name)
+        super().__init__(points, check_count(count, self.name))
+        self.one_shot = one_shot
+        self.method = check_method(method, self.name)
+
+    def setup(self, ctx: SearchContext) -> None:
+        self.ctx = ctx
+        self._sites: dict[str, tuple[str, Rank, Rank, tuple[Rank, ...]]] = {}
+        for name, method in spectral_sites(ctx.space, self.method, self.name).items():
+            grid = ctx.space.ranks(name, method)
+            rank = site_vbmf_rank(ctx.space.site(name), ctx.cache.weight(name), method, grid)
+            self._sites[name] = (method, rank, grid[-1], grid)
+        vbmf_fits = ctx.feasible(self.make(0.0))
+        if self.one_shot:
+            knob = 0.0 if vbmf_fits else fit_to_budget(ctx, self.make, -1.0, 0.0)
+            if knob < 0:
+                log.info("vbmf: the VBMF ranks break %s; scaled by %.3f to fit",
+                         ", ".join(map(str, ctx.cost_constraints())), 1 + knob)
+            self._queue = [self.make(knob)]
+            return
+        self.low = 0.0 if vbmf_fits else -1.0  # below VBMF only when the budget needs it
+        super().setup(ctx)
+
+    def make(self, knob: float) -> Config:
+        """Every site at weakening factor ``knob`` (see the class docstring)."""
+        choices = {}
+        for name, (method, vbmf, top, grid) in self._sites.items():
+            low, high = _parts(vbmf), _parts(top)
+            if knob >= 0:
+                target = tuple(v + knob * (t - v) for v, t in zip(low, high, strict=True))
+            else:
+                target = tuple(v * (1 + knob) for v in low)
+            rank = snap(grid, target if isinstance(vbmf, tuple) else target[0])
+            choices[name] = Choice(method, rank)
+        return Config(choices)
+
+    @property
+    def ranks(self) -> dict[str, Rank]:
+        """The VBMF rank of every ranked site, snapped to its grid (after `setup`)."""
+        return {name: rank for name, (_, rank, _, _) in self._sites.items()}
+
+
+def _parts(rank: Rank) -> tuple[int, ...]:
+    return (rank,) if isinstance(rank, int) else rank
+
+
+def spectral_sites(space: RankSpace, method: str | None, who: str) -> dict[str, str]:
+    """Site name → factorization for the sites whose rank a spectrum can decide: ``method``
+    where a site admits it (each site's first method for None). The others stay dense; TT/TR
+    sites are logged, since their ranks are not matrix ranks."""
+    sites = {}
+    for site in space.decomposable:
+        m = method_for(site, method)
+        if m is None:
+            continue
+        if m not in SUPPORTED:
+            log.info("%s: %s stays dense (%s ranks are not matrix ranks)", who, site.name, m)
+            continue
+        sites[site.name] = m
+    if not sites:
+        raise RankSearchError(
+            f"{who}: no layer can be ranked from its spectrum with method {method!r}; "
+            f"use one of {list(SUPPORTED)}"
+        )
+    return sites
+
+
+def check_method(method: str | None, who: str) -> str | None:
+    """``method`` if it is None or a registered factorization with matrix ranks."""
+    if method is None:
+        return None
+    factorize.get(method)  # UnknownMethodError (a RankSearchError) names the valid ones
+    if method not in SUPPORTED:
+        raise RankSearchError(
+            f"{who}: {method!r} ranks are not matrix ranks; choose one of {list(SUPPORTED)}"
+        )
+    return method
+
+
+def check_values(values: Sequence[float] | None, low: float, high: float, what: str,
+                 who: str) -> list[float] | None:
+    """``values`` as floats if it is None or a non-empty list of numbers in [low, high]."""
+    if values is None:
+        return None
+    try:
+        out = [float(v) for v in values]
+    except (TypeError, ValueError):
+        out = []
+    if not out or not all(low <= v <= high for v in out):
+        raise RankSearchError(
+            f"{who}: {what} must be a non-empty list of numbers in [{low:g}, {high:g}], "
+            f"got {values!r}"
+        )
+    return out
+
+
+def check_count(count: int | None, who: str) -> int | None:
+    """``count`` if it is None or a positive integer."""
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int)
+                              or count < 1):
+        raise RankSearchError(f"{who}: count must be a positive integer, got {count!r}")
+    return count
