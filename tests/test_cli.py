@@ -14,7 +14,10 @@ from ranksearch.task import evaluate_accuracy, load_task
 
 PNG = b"\x89PNG\r\n\x1a\n"
 # options that a strategy needs on this small model (e.g. a space that offers TT)
-STRATEGY_ARGS = {"bayes_tt": ["--methods", "svd,tt"]}
+STRATEGY_ARGS = {
+    "bayes_tt": ["--methods", "svd,tt", "--option", "steps=15", "--option",
+                 "strengths=[0.03, 0.1]"],
+}
 
 
 @pytest.fixture(scope="module")
