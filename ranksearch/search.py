@@ -210,7 +210,7 @@ class SearchLoop:
             stored = self.store.get(config, proxy=self.evaluator.settings.describe())
             if stored is not None:
                 known[config.key] = stored
-            elif not self.ctx.feasible(config):
+            elif config not in self.ctx.probes and not self.ctx.feasible(config):
                 known[config.key] = self._infeasible(config)
             elif self.exhausted() is None and len(self.store) + len(todo) < self.evaluations:
                 todo[config.key] = config

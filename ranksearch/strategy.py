@@ -52,6 +52,9 @@ class SearchContext:
     ``evaluate`` for evaluations of its own (e.g. sensitivity probes), which go through the
     executor and the store like any other, and ``evaluator`` for cheap unstored scores
     (`Evaluator.quick_accuracy`) and the task's data (``evaluator.task``, ``evaluator.model``).
+    ``probes``: configs the strategy evaluates as measurements (e.g. one layer decomposed
+    alone); the search evaluates them even when they break a cost constraint (fronts still
+    filter them out).
     """
 
     space: RankSpace
@@ -64,6 +67,7 @@ class SearchContext:
     history: list[Result] = field(default_factory=list)
     evaluate: Callable[[Sequence[Config]], list[Result]] | None = None
     evaluator: Evaluator | None = None
+    probes: set[Config] = field(default_factory=set)
 
     def cost_constraints(self) -> tuple[Constraint, ...]:
         """The constraints that can be checked before evaluation (everything but accuracy,
