@@ -21,12 +21,13 @@ from .evaluate import ProxySettings
 from .models import build_model
 from .pareto import best, parse_objectives
 from .report import front_table, plot_fronts, write_csv, write_json
+from .schedules import SCHEDULES, finetune
 from .search import SearchResult, search
 from .space import Config, RankSpace
 from .store import default_url, list_studies, read_study
 from .strategy import available_strategies
 from .surgery import compress, save
-from .task import Task, evaluate_accuracy, load_task, load_user_task, pretrained, train_baseline
+from .task import Task, evaluate_accuracy, load_task, load_user_task, pretrained
 
 DEMO_STRATEGY = "uniform"
 
@@ -99,7 +100,12 @@ def _parser() -> argparse.ArgumentParser:
                    help='the budget the exported model must meet, e.g. "flops<=0.5"; the most '
                    "accurate stored result under it is exported (default: the search's budget)")
     p.add_argument("--finetune-epochs", type=int, default=0,
-                   help="fine-tune the compressed model this many epochs before writing it")
+                   help="fine-tune the compressed model this many epochs (per step of the "
+                   "schedule) before writing it")
+    p.add_argument("--schedule", default="one-shot", choices=SCHEDULES,
+                   help="one-shot: decompose all, fine-tune once; iterative: one layer at a "
+                   "time, fine-tuning the whole network after each; hybrid: iterative for "
+                   "convolutions, then all linear layers at once (Astrid & Lee 2018)")
     p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
     p.add_argument("--output", default=None, help="model file (default: OUT/model.pt)")
     p.set_defaults(func=cmd_export)
@@ -306,15 +312,18 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise RankSearchError(f"no stored result of {study!r} meets {args.pick}; relax --pick")
     model, task = model_and_task(meta["task_spec"], meta.get("data"), meta.get("model"),
                                  args.out)
-    compressed = compress(model, picked.config)
     if args.finetune_epochs:
-        train_baseline(compressed, task, epochs=args.finetune_epochs, lr=args.lr, progress=True)
+        compressed = finetune(model, picked.config, task, schedule=args.schedule,
+                              epochs=args.finetune_epochs, lr=args.lr)
+    else:
+        compressed = compress(model, picked.config)
     accuracy = evaluate_accuracy(compressed, task.val)
     output = Path(args.output) if args.output else Path(args.out) / "model.pt"
     save(output, compressed, picked.config)
     output.with_suffix(".json").write_text(json.dumps({
         "config": picked.config.to_json(), "search_metrics": dict(picked.metrics),
         "val_accuracy": accuracy, "study": study, "finetune_epochs": args.finetune_epochs,
+        "schedule": args.schedule if args.finetune_epochs else None,
     }, indent=2))
     print(f"exported {picked.config}\n  search accuracy {picked.metrics['accuracy']:.4f}, "
           f"flops {picked.metrics['flops_ratio']:.3f}, params {picked.metrics['params_ratio']:.3f}"

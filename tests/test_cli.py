@@ -59,6 +59,15 @@ def test_search_report_export_round_trip(out, capsys):
     model, config = ranksearch.load(out / "model.pt", base)
     assert config == best.config
     assert evaluate_accuracy(model, task.val) == pytest.approx(reported, abs=1e-4)
+    # the iterative schedule fine-tunes: the written model is more accurate than the raw one
+    assert main(["export", "--out", str(out), "--study", study, "--pick", "flops<=0.6",
+                 "--finetune-epochs", "1", "--schedule", "iterative",
+                 "--output", str(out / "tuned.pt")]) == 0
+    tuned = json.loads((out / "tuned.json").read_text())
+    assert tuned["schedule"] == "iterative" and tuned["config"] == best.config.to_json()
+    assert tuned["val_accuracy"] >= reported - 0.02
+    model, _ = ranksearch.load(out / "tuned.pt", base)
+    assert evaluate_accuracy(model, task.val) == pytest.approx(tuned["val_accuracy"], abs=1e-4)
 
 
 @pytest.mark.parametrize("name", sorted(available_strategies()))
