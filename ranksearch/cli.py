@@ -29,7 +29,7 @@ from .strategy import available_strategies
 from .surgery import compress, save
 from .task import Task, evaluate_accuracy, load_task, load_user_task, pretrained
 
-DEMO_STRATEGY = "uniform"
+DEMO_STRATEGY = "pca_energy"
 
 DEFAULT_SHAPES = {"digits-cnn": (1, 8, 8), "resnet20": (3, 32, 32), "vgg-small": (3, 32, 32)}
 
