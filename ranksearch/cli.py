@@ -78,7 +78,19 @@ def _parser() -> argparse.ArgumentParser:
                    help="objectives, comma separated (default: accuracy,flops)")
     p.add_argument("--evaluations", type=int, default=40, help="evaluations to run in all")
     p.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds")
-    p.add_argument("--executor", default="local", help="where evaluations run (local)")
+    p.add_argument("--executor", default="local", choices=("local", "ray"),
+                   help="where evaluations run: this process, or Ray Tune (local or a cluster)")
+    ray = p.add_argument_group("ray executor")
+    ray.add_argument("--address", default=None,
+                     help="join a running Ray cluster (e.g. auto or 10.0.0.1:6379); default: "
+                     "start a local one")
+    ray.add_argument("--cpus-per-trial", type=float, default=1)
+    ray.add_argument("--gpus-per-trial", type=float, default=0,
+                     help="GPUs per trial; fractions share a GPU (e.g. 0.25)")
+    ray.add_argument("--max-concurrent", type=int, default=None,
+                     help="trials at a time (default: as many as the resources allow)")
+    ray.add_argument("--early-stop", default="asha", choices=("asha", "none"),
+                     help="stop poor candidates early with ASHA on the proxy accuracy")
     p.add_argument("--seed", type=int, default=0)
     _proxy_options(p)
     _space_options(p)
@@ -248,7 +260,9 @@ def cmd_search(args: argparse.Namespace) -> int:
     result = search(
         model, task, strategy=args.strategy, strategy_options=_options(args.option),
         constraints=args.constraint, objectives=args.objective, evaluations=args.evaluations,
-        time_limit=args.time_limit, executor=args.executor, store=args.store, study=args.study,
+        time_limit=args.time_limit, executor=args.executor,
+        executor_options=_ray_options(args) if args.executor == "ray" else None,
+        store=args.store, study=args.study,
         out=args.out, seed=args.seed, proxy=proxy, methods=args.methods,
         multiple_of=args.multiple_of, progress=not args.no_progress,
         meta={"task_spec": args.task, "data": args.data, "model": args.model,
@@ -346,6 +360,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
         "--evaluations", str(args.evaluations), "--steps", "30", "--lr", "1e-3",
     ])
     return cmd_search(args)
+
+
+def _ray_options(args: argparse.Namespace) -> dict[str, object]:
+    return {"address": args.address, "cpus_per_trial": args.cpus_per_trial,
+            "gpus_per_trial": args.gpus_per_trial, "max_concurrent": args.max_concurrent,
+            "early_stop": args.early_stop}
 
 
 def _options(items: Sequence[str]) -> dict[str, object]:
