@@ -22,7 +22,11 @@ test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ''
 
 bench: $(STAMP)
+	$(BIN)/pip install --quiet tensorly-torch || echo "tensorly-torch not installed"
 	$(BIN)/python benchmarks/bench_factorize.py
+	$(BIN)/python benchmarks/bench_search.py
+	$(BIN)/python benchmarks/bench_strategies.py
+	$(BIN)/python benchmarks/bench_exhaustive.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
