@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_search.py
 	$(BIN)/python benchmarks/bench_strategies.py
 	$(BIN)/python benchmarks/bench_exhaustive.py
+	$(BIN)/python benchmarks/bench_ray.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

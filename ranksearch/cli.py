@@ -84,13 +84,13 @@ def _parser() -> argparse.ArgumentParser:
     ray.add_argument("--address", default=None,
                      help="join a running Ray cluster (e.g. auto or 10.0.0.1:6379); default: "
                      "start a local one")
-    ray.add_argument("--cpus-per-trial", type=float, default=1)
-    ray.add_argument("--gpus-per-trial", type=float, default=0,
+    ray.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs per trial (1)")
+    ray.add_argument("--gpus-per-trial", type=float, default=None,
                      help="GPUs per trial; fractions share a GPU (e.g. 0.25)")
     ray.add_argument("--max-concurrent", type=int, default=None,
                      help="trials at a time (default: as many as the resources allow)")
-    ray.add_argument("--early-stop", default="asha", choices=("asha", "none"),
-                     help="stop poor candidates early with ASHA on the proxy accuracy")
+    ray.add_argument("--early-stop", default=None, choices=("asha", "none"),
+                     help="stop poor candidates early with ASHA on the proxy accuracy (asha)")
     p.add_argument("--seed", type=int, default=0)
     _proxy_options(p)
     _space_options(p)
@@ -261,7 +261,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         model, task, strategy=args.strategy, strategy_options=_options(args.option),
         constraints=args.constraint, objectives=args.objective, evaluations=args.evaluations,
         time_limit=args.time_limit, executor=args.executor,
-        executor_options=_ray_options(args) if args.executor == "ray" else None,
+        executor_options=_ray_options(args),
         store=args.store, study=args.study,
         out=args.out, seed=args.seed, proxy=proxy, methods=args.methods,
         multiple_of=args.multiple_of, progress=not args.no_progress,
@@ -363,9 +363,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _ray_options(args: argparse.Namespace) -> dict[str, object]:
-    return {"address": args.address, "cpus_per_trial": args.cpus_per_trial,
-            "gpus_per_trial": args.gpus_per_trial, "max_concurrent": args.max_concurrent,
-            "early_stop": args.early_stop}
+    """The Ray options given on the command line (an error without ``--executor ray``)."""
+    names = ("address", "cpus_per_trial", "gpus_per_trial", "max_concurrent", "early_stop")
+    given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    if given and args.executor != "ray":
+        flags = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise RankSearchError(f"{flags} apply to the ray executor; add --executor ray")
+    return given
 
 
 def _options(items: Sequence[str]) -> dict[str, object]:

@@ -125,6 +125,8 @@ def test_bad_input_is_a_clear_error(out, capsys, tmp_path):
     assert "none.py" in capsys.readouterr().err
     assert search(out, "--store", "postgresql://nobody@127.0.0.1:1/none") == 2
     assert "cannot open the store" in capsys.readouterr().err
+    assert search(out, "--address", "auto") == 2
+    assert "--executor ray" in capsys.readouterr().err
     assert main(["export", "--out", str(tmp_path / "empty")]) == 2
     assert "no searches" in capsys.readouterr().err
     assert not (tmp_path / "empty" / "model.pt").exists()

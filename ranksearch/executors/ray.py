@@ -37,7 +37,13 @@ from typing import TYPE_CHECKING, Any
 import ray
 import torch
 from ray import cloudpickle, tune
-from ray.exceptions import AuthenticationError, RayActorError, RayError, RayTaskError
+from ray.exceptions import (
+    AuthenticationError,
+    RayActorError,
+    RayError,
+    RaySystemError,
+    RayTaskError,
+)
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import Searcher
 from ray.tune.stopper import Stopper
@@ -62,14 +68,14 @@ STEP = "step"
 EARLY_STOP = ("asha", "none")
 DEFAULT_TEMP_DIR = "/tmp/rs-ray"
 DEFAULT_OBJECT_STORE = 200 * 2**20
-# Tune settings read from the environment when a run starts: the legacy output engine is the one
-# that verbose=0 silences; no CSV/JSON/TensorBoard result files (the store is the record); no
-# traceback per failed attempt (failures are stored with their reason, and logged once).
 _AUTH_HELP = (
     "The cluster uses token authentication: set RAY_AUTH_MODE=token here and make the cluster's "
     "token available (`ray get-auth-token` on the head node; copy it to ~/.ray/auth_token or set "
     "RAY_AUTH_TOKEN)."
 )
+# Tune settings read from the environment when a run starts: the legacy output engine is the one
+# that verbose=0 silences; no CSV/JSON/TensorBoard result files (the store is the record); no
+# traceback per failed attempt (failures are stored with their reason, and logged once).
 _TUNE_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
              "TUNE_PRINT_ALL_TRIAL_ERRORS": "0"}
 
@@ -77,7 +83,8 @@ _TUNE_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1
 @dataclass(frozen=True)
 class TrialInfo:
     """How one evaluation ran on the cluster: the config's key, the id of the Ray node that ran
-    it (None when unknown), its status, its seconds on the worker, and the attempts it took."""
+    it (None when unknown), its status, its seconds on the worker (NaN when unknown), and the
+    attempts it took."""
 
     key: str
     node: str | None
@@ -151,6 +158,8 @@ class RayExecutor:
             )
         if address is not None and num_cpus is not None:
             raise RankSearchError("num_cpus sizes a local cluster; a joined cluster has its own")
+        if address not in (None, "auto"):
+            _host_port(address)
         self.address = address
         self.cpus_per_trial = cpus_per_trial
         self.gpus_per_trial = gpus_per_trial
@@ -271,7 +280,10 @@ class RayExecutor:
                     data, node = ray.get(done)
                     result = Result.from_json(data)
                 except RayError as e:
-                    result, node = _failed(evaluate, config, _describe(e)), None
+                    error = _unwrap(e)
+                    if (stop := _environment_error(error)) is not None:
+                        raise stop from e
+                    result, node = _failed(evaluate, config, _describe(error)), None
                 self.trials.append(TrialInfo(config.key, node, result.status, result.wall_time))
                 yield result
         finally:
@@ -282,24 +294,26 @@ class RayExecutor:
         """Drive the search with Ray Tune until the loop or the strategy is done; returns why
         it stopped, as `SearchLoop.run` does."""
         settings = loop.evaluator.settings
-        if settings.device.startswith("cuda") and not self.gpus_per_trial:
-            raise RankSearchError(
-                f"the proxy runs on {settings.device} but gpus_per_trial is 0, so trials see no "
-                "GPU; set gpus_per_trial (e.g. 0.5 to share a GPU between two trials)"
-            )
-        if self.gpus_per_trial and not settings.device.startswith("cuda"):
-            log.warning("gpus_per_trial is %g but the proxy runs on %s; the GPUs sit idle",
-                        self.gpus_per_trial, settings.device)
         searcher = StrategySearcher(loop, strategy, self)
         storage = tempfile.mkdtemp(prefix="rs-tune-")
         try:
+            if settings.device.startswith("cuda") and not self.gpus_per_trial:
+                raise RankSearchError(
+                    f"the proxy runs on {settings.device} but gpus_per_trial is 0, so trials see "
+                    "no GPU; set gpus_per_trial (e.g. 0.5 to share a GPU between two trials)"
+                )
+            if self.gpus_per_trial and not settings.device.startswith("cuda"):
+                log.warning("gpus_per_trial is %g but the proxy runs on %s; the GPUs sit idle",
+                            self.gpus_per_trial, settings.device)
             self.connect()
-            trainable = tune.with_parameters(_trial, payload=self._payload(loop.evaluator))
+            scheduler = self._scheduler(settings)
+            trainable = tune.with_parameters(_trial, payload=self._payload(loop.evaluator),
+                                             intermediate=scheduler is not None)
             resources = {"cpu": self.cpus_per_trial, "gpu": self.gpus_per_trial}
             tuner = tune.Tuner(
                 tune.with_resources(trainable, resources),
                 tune_config=tune.TuneConfig(
-                    search_alg=searcher, scheduler=self._scheduler(settings), num_samples=-1,
+                    search_alg=searcher, scheduler=scheduler, num_samples=-1,
                     max_concurrent_trials=self.max_concurrent, reuse_actors=True,
                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name,
                 ),
@@ -378,9 +392,6 @@ class StrategySearcher(Searcher):
 
     def save(self, checkpoint_path: str) -> None:
         """Nothing to save: the store is the search's checkpoint."""
-
-    def restore(self, checkpoint_path: str) -> None:
-        raise RankSearchError("a search resumes from its store: run the same search again")
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
         if self.stopped is not None:
@@ -462,12 +473,17 @@ class StrategySearcher(Searcher):
             self._fail(e)
 
     def trial_failed(self, trial: Trial) -> None:
-        """Record a trial that raised, or whose worker died, on each of its attempts."""
+        """Record a trial that raised, or whose worker died, on its last attempt (or stop the
+        search when workers cannot load its code)."""
         config = self._trials.pop(trial.trial_id, None)
         if config is None:
             return
+        error = _trial_error(trial)
+        if (stop := _environment_error(error)) is not None:
+            self._fail(stop)
+            return
         attempts = trial.num_failures
-        reason = f"{_trial_error(trial)} ({attempts} attempt{'s' if attempts > 1 else ''})"
+        reason = f"{_describe(error)} ({attempts} attempt{'s' if attempts > 1 else ''})"
         log.warning("candidate failed on the cluster: %s", reason)
         try:
             self._done(config, _failed(self.loop.evaluator, config, reason),
@@ -572,13 +588,14 @@ def _tune_environment() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def _trial_error(trial: Trial) -> str:
-    """The error of a trial's last attempt, in one line."""
+def _trial_error(trial: Trial) -> BaseException | str:
+    """The error of a trial's last attempt: the exception (unwrapped) when Tune kept it, or the
+    last line Tune wrote about it."""
     path = trial.pickled_error_file
     if path and os.path.exists(path):
         try:
             with open(path, "rb") as f:
-                return _describe(cloudpickle.load(f))
+                return _unwrap(cloudpickle.load(f))
         except Exception as e:  # an error whose class does not unpickle here
             log.debug("cannot read %s: %s", path, e)
     if trial.error_file and os.path.exists(trial.error_file):
@@ -589,17 +606,36 @@ def _trial_error(trial: Trial) -> str:
     return "the trial failed"
 
 
-def _describe(error: BaseException) -> str:
-    """A one-line reason for a failed task or trial: the exception the evaluation raised, or
-    the death of its worker process."""
-    if isinstance(error, RayActorError) or type(error).__name__ == "WorkerCrashedError":
-        return "the worker process died during the evaluation"
+def _unwrap(error: BaseException) -> BaseException:
+    """The exception the evaluation raised, out of Ray's and Tune's wrappers."""
     if isinstance(error, RayTaskError):
         error = error.cause
     while error.__cause__ is not None and type(error).__name__ == "StartTraceback":
         error = error.__cause__
+    return error
+
+
+def _describe(error: BaseException | str) -> str:
+    """A one-line reason for a failed task or trial: the exception the evaluation raised, or
+    the death of its worker process."""
+    if isinstance(error, str):
+        return error
+    if isinstance(error, RayActorError) or type(error).__name__ == "WorkerCrashedError":
+        return "the worker process died during the evaluation"
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[-1] if text else ''}".rstrip(": ")
+
+
+def _environment_error(error: BaseException | str) -> RankSearchError | None:
+    """An error for a worker that cannot load the search's code: every evaluation would fail
+    alike, so the search stops instead of storing them as failed."""
+    if not isinstance(error, ImportError | RaySystemError):
+        return None
+    return RankSearchError(
+        f"a Ray worker cannot load the model, the task or ranksearch ({_describe(error)}). "
+        "Install ranksearch, and the packages the model and the task import, on every node of "
+        "the cluster."
+    )
 
 
 def _failed(evaluate: Callable[[Config], Result], config: Config, reason: str) -> Result:
@@ -610,19 +646,24 @@ def _failed(evaluate: Callable[[Config], Result], config: Config, reason: str) -
     return Result(config, {}, "failed", reason)
 
 
-def _check_reachable(address: str) -> None:
-    """Fail fast, naming the address, when nothing listens there ("auto" is looked up by Ray)."""
-    if address == "auto":
-        return
-    hostport = address.split("://", 1)[-1]
-    host, _, port = hostport.rpartition(":")
+def _host_port(address: str) -> tuple[str, int]:
+    """The host and port of a Ray address ("host:port", optionally with a scheme)."""
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
     if not host or not port.isdigit():
         raise RankSearchError(
             f"Ray address {address!r} is not of the form host:port (e.g. 10.0.0.1:6379) or "
             "'auto'"
         )
+    return host.strip("[]"), int(port)
+
+
+def _check_reachable(address: str) -> None:
+    """Fail fast, naming the address, when nothing listens there ("auto" is looked up by Ray)."""
+    if address == "auto":
+        return
+    host, port = _host_port(address)
     try:
-        socket.create_connection((host, int(port)), timeout=5).close()
+        socket.create_connection((host, port), timeout=5).close()
     except OSError as e:
         raise RankSearchError(
             f"cannot reach a Ray cluster at {address} ({e}). Start one with `ray start --head "
@@ -661,9 +702,10 @@ def _evaluator(payload: _Payload) -> Callable[..., Result]:
     return found
 
 
-def _trial(params: dict[str, Any], payload: _Payload) -> None:
+def _trial(params: dict[str, Any], payload: _Payload, intermediate: bool) -> None:
     """The Tune trainable: evaluate one config, reporting the accuracy at each intermediate
-    validation (ASHA may stop the trial there), then the whole result."""
+    validation when a scheduler (ASHA) watches them and may stop the trial there, then the
+    whole result."""
     evaluator = _evaluator(payload)
     assert isinstance(evaluator, Evaluator)
     steps = evaluator.settings.steps
@@ -674,7 +716,8 @@ def _trial(params: dict[str, Any], payload: _Payload) -> None:
             tune.report({METRIC: accuracy, STEP: step, "node": node})
         return True
 
-    result = evaluator(Config.from_json(params["config"]), report=report)
+    config = Config.from_json(params["config"])
+    result = evaluator(config, report=report if intermediate else None)
     tune.report({METRIC: result.metrics.get(METRIC, math.nan), STEP: steps, "node": node,
                  "result": json.dumps(result.to_json())})
 
