@@ -22,7 +22,7 @@ from torch import nn
 
 from . import factorize
 from .errors import RankSearchError
-from .factorize.base import Stage, dense_stage
+from .factorize.base import Stage, dense_stage, is_int
 from .space import DENSE, Choice, Config, RankSpace, Site
 
 PJ = 1e-12  # joules per picojoule
@@ -59,13 +59,13 @@ class EnergyTable:
                     f"energy table entry {key} must be a non-negative number of picojoules, "
                     f"got {value!r}"
                 )
-        if not _is_int(self.word_bytes) or self.word_bytes < 1:
+        if not is_int(self.word_bytes) or self.word_bytes < 1:
             raise RankSearchError(
                 f"energy table entry word_bytes must be a positive integer, got "
                 f"{self.word_bytes!r}"
             )
         if self.onchip_bytes is not None and (
-            not _is_int(self.onchip_bytes) or self.onchip_bytes < 0
+            not is_int(self.onchip_bytes) or self.onchip_bytes < 0
         ):
             raise RankSearchError(
                 "energy table entry onchip_bytes must be a non-negative integer number of "
@@ -279,11 +279,11 @@ def measure_latency(
     occasional slow run. ``threads`` sets `torch.set_num_threads` for the measurement. The
     model's training flag and the thread count are restored afterwards.
     """
-    if not _is_int(warmup) or warmup < 0:
+    if not is_int(warmup) or warmup < 0:
         raise RankSearchError(f"warmup must be an integer ≥ 0, got {warmup!r}")
-    if not _is_int(repeats) or repeats < 1:
+    if not is_int(repeats) or repeats < 1:
         raise RankSearchError(f"repeats must be an integer ≥ 1, got {repeats!r}")
-    if threads is not None and (not _is_int(threads) or threads < 1):
+    if threads is not None and (not is_int(threads) or threads < 1):
         raise RankSearchError(f"threads must be a positive integer or None, got {threads!r}")
     inputs = example_input if isinstance(example_input, tuple) else (example_input,)
     tensors = chain(model.parameters(), model.buffers(), inputs)
@@ -314,7 +314,3 @@ def measure_latency(
         if threads is not None:
             torch.set_num_threads(old_threads)
     return statistics.median(times)
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)

@@ -15,6 +15,7 @@ import numpy as np
 
 from ranksearch import factorize
 from ranksearch.errors import RankSearchError
+from ranksearch.factorize.base import is_int
 from ranksearch.result import Result
 from ranksearch.space import Choice, Config, Rank, method_for
 from ranksearch.strategy import SearchContext, Strategy, SweepStrategy
@@ -57,11 +58,11 @@ class Sensitivity(Strategy):
     ) -> None:
         if not _number(probe_fraction) or not 0 < probe_fraction <= 1:
             raise RankSearchError(f"probe_fraction must be in (0, 1], got {probe_fraction!r}")
-        if probe_rank is not None and (not _integer(probe_rank) or probe_rank < 1):
+        if probe_rank is not None and (not is_int(probe_rank) or probe_rank < 1):
             raise RankSearchError(f"probe_rank must be an integer ≥ 1, got {probe_rank!r}")
         if not _number(epsilon) or epsilon <= 0:
             raise RankSearchError(f"epsilon must be a positive number, got {epsilon!r}")
-        if count is not None and (not _integer(count) or count < 1):
+        if count is not None and (not is_int(count) or count < 1):
             raise RankSearchError(f"count must be an integer ≥ 1, got {count!r}")
         if points is not None and not all(_number(p) and 0 < p <= 1 for p in points):
             raise RankSearchError(f"points must be knobs in (0, 1], got {points!r}")
@@ -202,10 +203,6 @@ def _nearest(grid: Sequence[Rank], target: np.ndarray) -> Rank:
 
 def _number(x: object) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and np.isfinite(x)
-
-
-def _integer(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 __all__ = ["Sensitivity", "allocate", "sensitivities"]

@@ -85,20 +85,20 @@ class Factorization(ABC):
         self.check(site)
         top = self.max_rank(site)
         if isinstance(top, int):
-            if isinstance(rank, tuple) or not _is_int(rank):
+            if isinstance(rank, tuple) or not is_int(rank):
                 raise InvalidRankError(
                     f"{self.name} on {site.name!r} takes an integer rank, got {rank!r}"
                 )
             ranks, tops = (int(rank),), (top,)
         else:
-            if _is_int(rank):
+            if is_int(rank):
                 rank = (int(rank),) * len(top)
             if not isinstance(rank, tuple | list) or len(rank) != len(top):
                 raise InvalidRankError(
                     f"{self.name} on {site.name!r} takes {len(top)} ranks "
                     f"(maximum {top}), got {rank!r}"
                 )
-            if not all(_is_int(r) for r in rank):
+            if not all(is_int(r) for r in rank):
                 raise InvalidRankError(f"ranks must be integers, got {rank!r}")
             ranks, tops = tuple(int(r) for r in rank), top
         for r, t in zip(ranks, tops, strict=True):
@@ -148,7 +148,8 @@ class Factorization(ABC):
         """
 
 
-def _is_int(x: object) -> bool:
+def is_int(x: object) -> bool:
+    """An integer (Python or NumPy), not a bool."""
     return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
