@@ -159,6 +159,7 @@ class SearchLoop:
         self.evaluations = evaluations
         self.deadline = None if time_limit is None else time.monotonic() + time_limit
         self.evaluated = 0
+        self.best: Result | None = None
         self.ctx: SearchContext
         self.bar = tqdm(total=evaluations, initial=min(len(store), evaluations),
                         disable=not progress, desc="search", unit="eval")
@@ -221,7 +222,7 @@ class SearchLoop:
         self.store.save(result)
         self.evaluated += 1
         self.bar.update(1)
-        self._show_best()
+        self._show_best(result)
 
     def _infeasible(self, config: Config) -> Result:
         metrics = self.ctx.costs.metrics(config)
@@ -236,8 +237,13 @@ class SearchLoop:
             return "time limit"
         return None
 
-    def _show_best(self) -> None:
-        top = best(self.store.results(), self.ctx.constraints)
+    def _show_best(self, result: Result) -> None:
+        """Keep the best result so far (updated with each new one) on the progress bar."""
+        if self.best is None:
+            self.best = best(self.store.results(), self.ctx.constraints)
+        else:
+            self.best = best([self.best, result], self.ctx.constraints)
+        top = self.best
         if top is not None:
             self.bar.set_postfix_str(
                 f"best acc {top.metrics['accuracy']:.4f} at flops "
