@@ -5,6 +5,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+from helpers import proposals
 from torch import nn
 
 import ranksearch
@@ -15,7 +16,7 @@ from ranksearch.errors import RankSearchError
 from ranksearch.evaluate import ProxySettings
 from ranksearch.pareto import parse_objectives
 from ranksearch.space import Choice, Config, RankSpace
-from ranksearch.strategy import SearchContext, StopSearch, fit_to_budget, load_strategy
+from ranksearch.strategy import SearchContext, fit_to_budget, load_strategy
 from strategies.errorbound import ErrorBound, PCAEnergy
 from strategies.vbmf import VBMF
 
@@ -39,15 +40,6 @@ def context(parts, constraints=(), evaluations=12):
 def started(strategy, ctx):
     strategy.setup(ctx)
     return strategy
-
-
-def proposals(strategy):
-    out = []
-    while True:
-        try:
-            out += strategy.ask()
-        except StopSearch:
-            return out
 
 
 def spectra(model, name):

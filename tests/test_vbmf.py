@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import proposals
 
 import ranksearch
 from ranksearch.cache import FactorCache
@@ -13,7 +14,7 @@ from ranksearch.errors import NotAdmittedError, RankSearchError
 from ranksearch.evaluate import ProxySettings
 from ranksearch.pareto import parse_objectives
 from ranksearch.space import Choice, Config, RankSpace
-from ranksearch.strategy import SearchContext, StopSearch, load_strategy
+from ranksearch.strategy import SearchContext, load_strategy
 from ranksearch.vbmf import evbmf, site_matrices, site_vbmf_rank, snap, tau_bar, unfold
 from strategies.vbmf import VBMF
 
@@ -150,15 +151,6 @@ def context(parts, constraints=()):
 
 def vbmf_config(strategy, space):
     return Config({n: Choice(space.site(n).methods[0], r) for n, r in strategy.ranks.items()})
-
-
-def proposals(strategy):
-    out = []
-    while True:
-        try:
-            out += strategy.ask()
-        except StopSearch:
-            return out
 
 
 def test_one_shot_ranks_are_evbmf_of_the_unfoldings(parts, digits_model):

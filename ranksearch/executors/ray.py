@@ -327,7 +327,7 @@ class RayExecutor:
             with _tune_environment():
                 tuner.fit()
         except KeyboardInterrupt:
-            pass
+            searcher.stopped = None  # Ctrl-C: what finished is stored; a re-run resumes
         finally:
             self._driving = False
             loop.bar.close()
