@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 from math import prod
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -467,6 +468,13 @@ def _methods_by_kind(
         for m in names:
             factorize.get(m)  # raises UnknownMethodError
     return by_kind
+
+
+def nearest_rank(grid: Sequence[Rank], target: float | Sequence[float]) -> int:
+    """Index of the rank in ``grid`` nearest ``target`` (distance summed over the rank's
+    components; the first of equals)."""
+    point = np.atleast_1d(np.asarray(target, dtype=float))
+    return int(np.argmin([np.abs(np.atleast_1d(r) - point).sum() for r in grid]))
 
 
 def method_for(site: Site, method: str | None) -> str | None:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ranksearch import factorize
-from ranksearch.space import Choice, Config, RankSpace, method_for
+from ranksearch.space import Choice, Config, RankSpace, method_for, nearest_rank
 from ranksearch.strategy import Strategy, SweepStrategy
 
 
@@ -90,6 +90,5 @@ def proportional(space: RankSpace, fraction: float, method: str | None = None) -
         top = factorize.get(m).max_rank(site)
         target = np.atleast_1d(np.asarray(top, dtype=float)) * fraction
         grid = space.ranks(site.name, m)
-        nearest = min(grid, key=lambda r: float(np.abs(np.atleast_1d(r) - target).sum()))
-        choices[site.name] = Choice(m, nearest)
+        choices[site.name] = Choice(m, grid[nearest_rank(grid, target)])
     return Config(choices)

@@ -30,7 +30,7 @@ from ranksearch import factorize
 from ranksearch.cost import METRICS as PRICED
 from ranksearch.errors import RankSearchError
 from ranksearch.result import Result
-from ranksearch.space import Choice, Config, method_for
+from ranksearch.space import Choice, Config, method_for, nearest_rank
 from ranksearch.strategy import SearchContext, Strategy
 
 FEATURES = 10
@@ -221,8 +221,7 @@ class RL(Strategy):
 
     def _nearest(self, t: int, action: float) -> int:
         """The grid index whose rank is nearest ``action`` times the site's maximum rank."""
-        gaps = [np.abs(np.atleast_1d(c.rank) - action * self.tops[t]).sum() for c in self.grids[t]]
-        return int(np.argmin(gaps))
+        return nearest_rank([c.rank for c in self.grids[t]], action * self.tops[t])
 
     def _wall(self, t: int, chosen: dict[str, Choice]) -> int:
         """AMC's action wall: the largest grid index at site ``t`` that, with the earlier

@@ -17,7 +17,7 @@ from ranksearch import factorize
 from ranksearch.errors import RankSearchError
 from ranksearch.factorize.base import is_int
 from ranksearch.result import Result
-from ranksearch.space import Choice, Config, Rank, method_for
+from ranksearch.space import Choice, Config, Rank, method_for, nearest_rank
 from ranksearch.strategy import SearchContext, Strategy, SweepStrategy
 
 
@@ -198,7 +198,7 @@ class _Sweep(SweepStrategy):
 
 def _nearest(grid: Sequence[Rank], target: np.ndarray) -> Rank:
     """The grid rank nearest ``target`` (one value per rank component)."""
-    return min(grid, key=lambda r: float(np.abs(np.atleast_1d(r) - target).sum()))
+    return grid[nearest_rank(grid, target)]
 
 
 def _number(x: object) -> bool:
