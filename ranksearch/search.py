@@ -177,7 +177,7 @@ class SearchLoop:
                 before = self.evaluated
                 results = self.evaluate_now(configs)
                 if results:
-                    strategy.tell(results)
+                    self.tell(strategy, results)
                 idle = 0 if self.evaluated > before else idle + 1
                 if idle >= MAX_IDLE_ROUNDS:
                     log.warning("%s proposed nothing new in %d rounds; stopping",
@@ -216,6 +216,11 @@ class SearchLoop:
             elif self.exhausted() is None and len(self.store) + len(todo) < self.evaluations:
                 todo[config.key] = config
         return known, list(todo.values())
+
+    def tell(self, strategy: Strategy, results: Sequence[Result]) -> None:
+        """Hand ``results`` to the strategy and append them to ``ctx.history``."""
+        self.ctx.history.extend(results)
+        strategy.tell(results)
 
     def record(self, result: Result) -> None:
         """Commit a finished evaluation to the store (before anything else is asked)."""

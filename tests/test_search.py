@@ -249,3 +249,28 @@ def test_latency_constraint_measures_candidates(digits_model, digits, tmp_path):
     impossible = run(digits_model, digits, tmp_path / "b", strategy="uniform", evaluations=2,
                      constraints=["latency<=1e-9s"], proxy=ProxySettings(steps=0))
     assert impossible.front() == [] and len(impossible.results) == 2
+
+
+def test_context_history_holds_every_told_result(digits_model, digits, tmp_path):
+    from ranksearch.strategy import Strategy
+
+    class Recorder(Strategy):
+        name = "recorder"
+
+        def setup(self, ctx):
+            super().setup(ctx)
+            self.told = []
+            self.todo = [ctx.space.uniform(f) for f in (0.8, 0.5, 0.8, 0.3)]
+
+        def ask(self):
+            if not self.todo:
+                raise ranksearch.StopSearch
+            return [self.todo.pop(0)]
+
+        def tell(self, results):
+            self.told.extend(results)
+
+    strategy = Recorder()
+    result = run(digits_model, digits, tmp_path, strategy=strategy, evaluations=5)
+    assert strategy.ctx.history == strategy.told
+    assert len(strategy.told) == 4 and result.evaluated == 3  # the repeat came from the store

@@ -523,7 +523,7 @@ class StrategySearcher(Searcher):
             ask = self._asks.popleft()
             results = in_order(ask.configs, ask.results)
             if results:
-                self.strategy.tell(results)
+                self.loop.tell(self.strategy, results)
 
     def _fail(self, error: BaseException) -> None:
         """Keep the first error of our own (a strategy's, the store's) to raise after Tune."""
