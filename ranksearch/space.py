@@ -220,11 +220,8 @@ class Config(Mapping[str, Choice]):
     def __repr__(self) -> str:
         return f"Config({{{', '.join(f'{k!r}: {v}' for k, v in self._items)}}})"
 
-    def replace(self, **changes: Choice) -> Config:
-        """A copy with some sites' choices replaced (names as keyword arguments)."""
-        return self.with_choices(changes)
-
     def with_choices(self, changes: Mapping[str, Choice]) -> Config:
+        """A copy with the choices of some sites replaced."""
         return Config({**dict(self._items), **changes})
 
     def to_json(self) -> dict[str, Any]:

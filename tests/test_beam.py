@@ -77,7 +77,7 @@ def test_digits_end_to_end_never_over_budget(digits_model, digits, tmp_path):
     def raised(name):
         grid = space.ranks(name, answer[name].method)
         up = grid[min(grid.index(answer[name].rank) + 1, len(grid) - 1)]
-        return answer.replace(**{name: Choice(answer[name].method, up)})
+        return answer.with_choices({name: Choice(answer[name].method, up)})
 
     assert any(costs.metrics(raised(n))["flops_ratio"] > 0.4 for n in space.names)
     assert flops[0] > 0.3 and flops[-1] < 0.05  # the front below the budget, down to the end

@@ -152,7 +152,7 @@ def test_pca_energy_meets_the_budget_and_beats_uniform(parts, digits_model, budg
         grid = space.ranks(name, choice.method)
         i = grid.index(choice.rank)
         if i + 1 < len(grid):
-            assert not ctx.feasible(chosen.replace(**{name: Choice(choice.method, grid[i + 1])}))
+            assert not ctx.feasible(chosen.with_choices({name: Choice(choice.method, grid[i + 1])}))
     # the uniform config at the same or lower cost keeps less energy
     same = parse_constraints([f"{con.metric}<={spent[con.metric]}"])
     fraction = fit_to_budget(context(parts, same), space.uniform, 0.02, 1.0)

@@ -145,7 +145,7 @@ def test_bad_input(digits_model, digits, config):
     with pytest.raises(RankSearchError, match="epochs"):
         finetune(digits_model, config, digits, epochs=0)
     events = []
-    bad = config.replace(**{"features.3": Choice("tucker2", (99, 99))})
+    bad = config.with_choices({"features.3": Choice("tucker2", (99, 99))})
     with pytest.raises(RankSearchError, match="exceeds the maximum"):
         finetune(digits_model, bad, digits, schedule="iterative", events=events)
     with pytest.raises(RankSearchError, match="no layer named"):

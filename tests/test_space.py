@@ -110,7 +110,7 @@ def test_config_is_immutable_hashable_and_round_trips():
     assert Config.from_json(a.key) == a
     with pytest.raises(AttributeError):
         a.foo = 1
-    assert a.replace(x=Choice("svd", 5))["x"].rank == 5 and a["x"].rank == 3
+    assert a.with_choices({"x": Choice("svd", 5)})["x"].rank == 5 and a["x"].rank == 3
     assert {a: 1}[b] == 1
 
 
