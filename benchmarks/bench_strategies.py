@@ -12,15 +12,14 @@ Run: ``python benchmarks/bench_strategies.py`` (``--tasks digits`` for a quick r
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from fashion import ensure_fashion_mnist
 
 import ranksearch
-from ranksearch.errors import DatasetNotFoundError
 from ranksearch.report import plot_fronts
 from ranksearch.task import load_task, pretrained
 
@@ -31,22 +30,6 @@ TASKS = {
     "digits": ({}, "digits-cnn", {}),
     "fashion-mnist": ({"train_size": 6000, "val_size": 1000}, "digits-cnn", {"epochs": 8}),
 }
-
-
-def ensure_fashion_mnist() -> bool:
-    """Install the Debian package if the data is missing; False when it cannot be had."""
-    try:
-        load_task("fashion-mnist", train_size=10, val_size=10)
-        return True
-    except DatasetNotFoundError:
-        pass
-    print("installing dataset-fashion-mnist with apt-get ...", flush=True)
-    ok = subprocess.run(["apt-get", "install", "-y", "-q", "dataset-fashion-mnist"],
-                        capture_output=True).returncode == 0
-    if not ok:
-        print("skipping fashion-mnist: `apt-get install dataset-fashion-mnist` failed "
-              "(run it as root, or pass --tasks digits)")
-    return ok
 
 
 def main() -> None:

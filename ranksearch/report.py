@@ -278,6 +278,7 @@ def front_figure(
     dense value the results imply, and left out when none does) and those on the y metric as
     horizontal ones.
     """
+    from matplotlib import colormaps
     from matplotlib.figure import Figure
 
     if axis not in COST_METRICS:
@@ -290,8 +291,9 @@ def front_figure(
         return None
     fig = Figure(figsize=_FIGSIZE, layout="constrained")
     ax = fig.add_subplot()
+    palette = None if len(runs) <= 10 else colormaps["tab20"]  # distinct colours past 10
     for i, (label, results) in enumerate(runs.items()):
-        color = f"C{i % 10}"
+        color = f"C{i}" if palette is None else palette(i % 20)
         ax.scatter(
             [x.value(r.metrics) for r in points[label]],
             [y.value(r.metrics) for r in points[label]],

@@ -18,8 +18,6 @@ from ranksearch.strategy import SearchContext, StopSearch, Strategy
 log = logging.getLogger(__name__)
 
 Point = tuple[int, ...]  # one grid index per site
-#: With ``step=None``, a move lowers a site by 1/AUTO_MOVES of its grid (at least one step).
-AUTO_MOVES = 8
 
 
 class _Child(NamedTuple):
@@ -37,9 +35,11 @@ class Beam(Strategy):
     """Beam search from full ranks down, scored by mini-batch accuracy without fine-tuning.
 
     The beam starts at every site's full rank (``space.full(method)``). Each step, every member
-    has one child per site: that site's rank lowered by ``step`` grid steps (default: an
-    eighth of the site's grid, at least one step, so that each site reaches its lowest rank
-    in about eight moves; ``step=1`` is the finest search and the slowest). Children are
+    has one child per site: that site's rank lowered by ``step`` grid steps (default:
+    1/``moves`` of the site's grid, at least one step, so that each site reaches its lowest
+    rank in about ``moves`` moves; ``step=1`` is the finest search and the slowest). The
+    search scores about width × sites × sites × moves children, so ``width`` and ``moves``
+    bound its time on deep models. Children are
     scored by `Evaluator.quick_accuracy` on the first ``minibatches`` validation batches (not
     stored) and the best ``width`` kept. BSR keeps the most accurate candidates at each
     compression step; since our children differ in how much cost they save, they are ranked
@@ -60,9 +60,9 @@ class Beam(Strategy):
     description = "beam search lowering one layer's rank at a time, scored on a mini-batch (BSR)"
 
     def __init__(self, width: int = 4, step: int | None = None, minibatches: int = 1,
-                 method: str | None = None) -> None:
+                 method: str | None = None, moves: int = 8) -> None:
         checked = (("width", width), ("step", 1 if step is None else step),
-                   ("minibatches", minibatches))
+                   ("minibatches", minibatches), ("moves", moves))
         for key, value in checked:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise RankSearchError(f"{key} must be an integer ≥ 1, got {value!r}")
@@ -72,6 +72,7 @@ class Beam(Strategy):
         self.step = step
         self.minibatches = minibatches
         self.method = method
+        self.moves = moves
 
     def setup(self, ctx: SearchContext) -> None:
         super().setup(ctx)
@@ -84,7 +85,7 @@ class Beam(Strategy):
         self._methods = tuple(start[n].method for n in self._names)
         self._grids = tuple(ctx.space.ranks(n, m) for n, m in zip(self._names, self._methods,
                                                                    strict=True))
-        self._steps = tuple(self.step or -(-len(g) // AUTO_MOVES) for g in self._grids)
+        self._steps = tuple(self.step or -(-len(g) // self.moves) for g in self._grids)
         constrained = [c.metric for c in ctx.cost_constraints()]
         objectives = [o.metric for o in ctx.objectives if o.metric in PRICED]
         self._metrics = tuple(dict.fromkeys(constrained or objectives or ["flops"]))

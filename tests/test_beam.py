@@ -60,6 +60,17 @@ def test_front_without_constraints_spreads_over_the_path(tmp_path):
     assert again.evaluated == 0 and [r.config for r in again.results] == beam.asked
 
 
+def test_moves_sets_the_path_length(tmp_path):
+    model, task = two_path()
+    beam = Recording(moves=2)
+    search(model, task, tmp_path, strategy=beam, evaluations=3)
+    path = [c for c, _ in beam.path]
+    assert len(path) == 4  # 2 sites × 2 moves of 8 grid steps
+    assert path[-1] == Config({"main": Choice("svd", 1), "side": Choice("svd", 1)})
+    with pytest.raises(RankSearchError, match="moves"):
+        Beam(moves=0)
+
+
 def test_digits_end_to_end_never_over_budget(digits_model, digits, tmp_path):
     beam = Recording(width=2)
     result = search(digits_model, digits, tmp_path, strategy=beam, constraints=["flops<=0.4"],
