@@ -30,7 +30,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_ray.py
 	$(BIN)/python benchmarks/bench_quality.py
 
-# the README's results section: Fashion-MNIST, ResNet-20 and the small VGG (about 75 min on
+# the README's results section: Fashion-MNIST, ResNet-20 and the small VGG (about 80 min on
 # 2 cores; resumes from benchmarks/out/quality when interrupted)
 bench-quality: $(STAMP)
 	$(BIN)/pip install --quiet tensorly-torch || echo "tensorly-torch not installed"
