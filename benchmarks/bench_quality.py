@@ -23,6 +23,7 @@ Run: ``make bench-quality`` (``python benchmarks/bench_quality.py``).
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -44,11 +45,13 @@ from torch.utils.flop_counter import FlopCounterMode
 import ranksearch
 from ranksearch import factorize
 from ranksearch.cache import FactorCache
+from ranksearch.clone import clone_module
 from ranksearch.constraints import Constraint
 from ranksearch.cost import CostModel, measure_latency
 from ranksearch.pareto import hypervolume
-from ranksearch.report import format_config, front_figure
+from ranksearch.report import format_config, front_figure, write_atomic
 from ranksearch.space import Choice, Config, RankSpace
+from ranksearch.strategy import largest_true
 from ranksearch.task import Task, evaluate_accuracy, load_task, pretrained, train_baseline
 
 HERE = Path(__file__).resolve().parent
@@ -122,16 +125,11 @@ def timing_key(budget: str, strategy: str, options: Mapping[str, Any] | None,
 
 def largest_fraction(cost_ratio: Callable[[float], float], limit: float, lo: float = 0.005,
                      hi: float = 1.0) -> float | None:
-    """The largest fraction in [lo, hi] whose cost ratio is at most ``limit`` (bisection;
-    the cost grows with the fraction); None when even ``lo`` costs more."""
+    """The largest fraction in [lo, hi] whose cost ratio is at most ``limit`` (the cost grows
+    with the fraction); None when even ``lo`` costs more."""
     if cost_ratio(lo) > limit:
         return None
-    if cost_ratio(hi) <= limit:
-        return hi
-    for _ in range(24):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if cost_ratio(mid) <= limit else (lo, mid)
-    return lo
+    return largest_true(lambda f: cost_ratio(f) <= limit, lo, hi, iters=24)
 
 
 def weight_params(model: nn.Module) -> int:
@@ -151,18 +149,16 @@ def tltorch_model(model: nn.Module, convs: Sequence[str], fraction: float,
                   decompose: bool = True) -> nn.Module:
     """A copy of ``model`` with each convolution in ``convs`` replaced by tensorly-torch's
     ``FactorizedConv.from_conv(conv, rank=fraction, factorization="tucker")``, run factorized."""
-    import copy
-
     import tltorch
 
-    out = copy.deepcopy(model)
+    layers = {}
     for name in convs:
-        layer = tltorch.FactorizedConv.from_conv(
-            out.get_submodule(name), rank=fraction, factorization="tucker",
-            implementation="factorized", decompose_weights=decompose,
+        conv = model.get_submodule(name)
+        layers[id(conv)] = tltorch.FactorizedConv.from_conv(
+            conv, rank=fraction, factorization="tucker", implementation="factorized",
+            decompose_weights=decompose,
         )
-        out.set_submodule(name, layer)
-    return out.eval()
+    return clone_module(model, replace=layers).eval()
 
 
 def round_ranks(space: RankSpace, config: Config, multiple: int) -> Config:
@@ -205,10 +201,7 @@ class JsonCache:
 
     def __setitem__(self, key: str, value: Any) -> None:
         self.data[key] = value
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.data, indent=1))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(self.data, indent=1).encode())
 
 
 # -- one model -------------------------------------------------------------------------------
@@ -226,6 +219,11 @@ class ModelBench:
         self.priced = RankSpace.discover(self.model, self.example, methods={
             "conv2d": list(UNIFORM_METHODS), "linear": ["svd"]})
         self.costs = CostModel(self.priced)
+        self.uniform_spaces = {
+            m: RankSpace.discover(self.model, self.example,
+                                  methods={"conv2d": [m], "linear": ["svd"]})
+            for m in UNIFORM_METHODS
+        }
         self.cache = FactorCache(self.model, self.priced)
         self.proxy = ranksearch.ProxySettings(
             steps=s.proxy_steps, lr=s.proxy_lr, batch_size=64, eval_batch_size=256,
@@ -272,9 +270,7 @@ class ModelBench:
             if top is not None:
                 entries.append(Entry(strategy, "strategy", top.config,
                                      top.metrics["accuracy"], seconds))
-        for method in UNIFORM_METHODS:
-            space = RankSpace.discover(self.model, self.example,
-                                       methods={"conv2d": [method], "linear": ["svd"]})
+        for method, space in self.uniform_spaces.items():
             # each site's first method: ``method`` on convolutions, svd on linear layers
             result, seconds = self.search(budget, "uniform", {"count": 1}, evaluations=1,
                                           space=space, study=f"uniform-{method}-{slug(budget)}")
@@ -388,8 +384,8 @@ class ModelBench:
             print(f"  {entry.label:22} test accuracy {r['test_accuracy']:.4f}  params "
                   f"{r['params_ratio']:.3f}  FLOPs {r['flops_ratio']:.3f}  speed-up "
                   f"{r['speedup_b1']:.2f} / {r['speedup_b64']:.2f}", flush=True)
-        metric = budget_metric(budget)
         c = Constraint.parse(budget)
+        metric = c.metric
         dense_cost = self.costs.dense()[metric]
         reference = {"accuracy": 1.0 / self.task.num_classes,
                      metric: c.value * dense_cost if c.relative else c.value}
@@ -402,9 +398,10 @@ class ModelBench:
             ax.set_title(f"{self.name}, {budget}: proxy accuracy of each strategy")
             if c.relative:  # the budget's neighbourhood; probes of single layers lie far right
                 ax.set_xlim(0, 1.2 * c.value)
-            plot = self.s.results / f"quality-{self.name}-{slug(budget)}.png"
-            plot.parent.mkdir(parents=True, exist_ok=True)
-            figure.savefig(plot, dpi=90)
+            buf = io.BytesIO()
+            figure.savefig(buf, format="png", dpi=90)
+            plot = write_atomic(self.s.results / f"quality-{self.name}-{slug(budget)}.png",
+                                buf.getvalue())
         return {"budget": budget, "rows": rows, "hypervolume": volumes,
                 "plot": plot.name if plot else None}
 
@@ -521,9 +518,8 @@ def run(s: Settings) -> dict[str, Any]:
 
 
 def write(report: Mapping[str, Any], folder: Path) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "quality.json").write_text(json.dumps(report, indent=1))
-    (folder / "quality.md").write_text(markdown(report))
+    write_atomic(folder / "quality.json", json.dumps(report, indent=1).encode())
+    write_atomic(folder / "quality.md", markdown(report).encode())
 
 
 def main() -> int:

@@ -137,7 +137,7 @@ def front_table(
 
 
 # -- files --------------------------------------------------------------------------------------
-def _write_atomic(path: str | os.PathLike, data: bytes) -> Path:
+def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder and
     ``os.replace``, creating the folder if needed; the file is never seen half-written."""
     target = Path(path)
@@ -196,7 +196,7 @@ def write_csv(
         if flags is not None:
             row.append(flags[i])
         writer.writerow(row)
-    return _write_atomic(path, buf.getvalue().encode("utf-8"))
+    return write_atomic(path, buf.getvalue().encode("utf-8"))
 
 
 def _finite(obj: Any) -> Any:
@@ -233,7 +233,7 @@ def write_json(
         "front": indices,
     }
     text = json.dumps(_finite(doc), indent=2, allow_nan=False, default=str)
-    return _write_atomic(path, (text + "\n").encode("utf-8"))
+    return write_atomic(path, (text + "\n").encode("utf-8"))
 
 
 # -- plots --------------------------------------------------------------------------------------
@@ -351,5 +351,5 @@ def plot_fronts(
             continue
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=dpi)
-        written.append(_write_atomic(Path(out_dir) / f"{prefix}_{axis}.png", buf.getvalue()))
+        written.append(write_atomic(Path(out_dir) / f"{prefix}_{axis}.png", buf.getvalue()))
     return written

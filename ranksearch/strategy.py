@@ -193,6 +193,22 @@ def _load(name: str, ep: Any) -> type[Strategy]:
     return cls
 
 
+def largest_true(ok: Callable[[float], bool], lo: float, hi: float, iters: int = 40) -> float:
+    """The largest x in [lo, hi] with ``ok(x)``, by bisection; ``ok`` must be monotone (true
+    up to some point, false after). Returns ``hi`` when ``ok(hi)``, and ``lo`` when no probed
+    point is (``ok(lo)`` itself is never called: the caller decides what an infeasible
+    ``lo`` means)."""
+    if ok(hi):
+        return hi
+    for _ in range(iters):
+        mid = (lo + hi) / 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
 def fit_to_budget(
     ctx: SearchContext, make: Callable[[float], Config], lo: float, hi: float, iters: int = 40
 ) -> float:
@@ -201,12 +217,4 @@ def fit_to_budget(
     Assumes cost grows with the knob. Returns ``hi`` when it is feasible, and ``lo`` when
     nothing is (the caller decides what to do with an infeasible ``make(lo)``).
     """
-    if ctx.feasible(make(hi)):
-        return hi
-    for _ in range(iters):
-        mid = (lo + hi) / 2
-        if ctx.feasible(make(mid)):
-            lo = mid
-        else:
-            hi = mid
-    return lo
+    return largest_true(lambda knob: ctx.feasible(make(knob)), lo, hi, iters)
