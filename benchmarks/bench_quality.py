@@ -247,7 +247,7 @@ class ModelBench:
             constraints=[budget], objectives=("accuracy", budget_metric(budget)),
             evaluations=evaluations or self.evaluations, proxy=self.proxy,
             out=str(self.s.out / self.name), seed=self.s.seed, space=space or self.space,
-            study=study,
+            study=study, share_results=True,
         )
         seconds = time.perf_counter() - start
         # a search that only replayed stored results keeps the time of the run that did them

@@ -17,10 +17,12 @@ from .constraints import Constraint
 from .cost import CostModel, EnergyTable, measure_latency
 from .errors import RankSearchError
 from .evaluate import Evaluator, ProxySettings
+from .export import Exported, scored_model
+from .fingerprint import Fingerprint
 from .pareto import Objective
 from .result import Result
 from .search import SearchResult, search
-from .space import Choice, Config, RankSpace, Site
+from .space import Choice, Config, RankSpace, Site, SpaceSpec
 from .strategy import SearchContext, StopSearch, Strategy, available_strategies, load_strategy
 from .surgery import compress, load, save
 from .task import Task, load_task, load_user_task
@@ -32,7 +34,9 @@ __all__ = [
     "CostModel",
     "EnergyTable",
     "Evaluator",
+    "Exported",
     "FactorCache",
+    "Fingerprint",
     "Objective",
     "ProxySettings",
     "RankSearchError",
@@ -41,6 +45,7 @@ __all__ = [
     "SearchContext",
     "SearchResult",
     "Site",
+    "SpaceSpec",
     "StopSearch",
     "Strategy",
     "Task",
@@ -52,6 +57,7 @@ __all__ = [
     "load_user_task",
     "measure_latency",
     "save",
+    "scored_model",
     "search",
 ]
 __version__ = "0.1.0"

@@ -1,4 +1,4 @@
-"""The factor cache: every layer is decomposed once, and candidates are built from slices."""
+"""The factor cache: each decomposition runs once, and candidates are built from its factors."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from . import factorize
 from .clone import clone_module
 from .factorize import Factors
 from .space import Choice, Rank, RankSpace, Site
+from .vbmf import site_spectra
 
 log = logging.getLogger(__name__)
 
@@ -19,11 +20,13 @@ log = logging.getLogger(__name__)
 class FactorCache:
     """Decompositions of a model's decomposable layers, computed on first use and kept.
 
-    Sliceable factorizations (svd, svd_spatial, tucker2, tt) are decomposed once per site at
-    the largest rank the space allows for them, and every smaller rank is sliced from those
-    factors. The others (CP, TR) are decomposed once per rank. The cache keeps its own copy of
-    the weights, so fine-tuning a built candidate never changes what later candidates start
-    from.
+    Every factor set equals what ``decompose(weight, site, rank)`` gives, bit for bit, so a
+    candidate built from the cache is the one `ranksearch.compress` builds without it.
+    Sliceable factorizations (svd, svd_spatial, tucker2) are decomposed once per site at their
+    maximum rank, and every rank is sliced from those factors (which is how they define their
+    factors at a rank). The others (CP, TT, TR) are decomposed once per rank. The cache keeps
+    its own copy of the weights, so fine-tuning a built candidate never changes what later
+    candidates start from.
 
     ``decompositions`` counts the decompositions run, per (site, method).
     """
@@ -37,15 +40,17 @@ class FactorCache:
             self._weights[name] = module.weight.detach().clone()
             bias = getattr(module, "bias", None)
             self._biases[name] = None if bias is None else bias.detach().clone()
-        self._sliced: dict[tuple[str, str], tuple[Rank, Factors]] = {}
+        self._top: dict[tuple[str, str], Factors] = {}  # sliceable, at max rank
         self._per_rank: dict[tuple[str, str, Rank], Factors] = {}
         self._spectra: dict[str, torch.Tensor] = {}
         self._built: dict[tuple[str, Choice], nn.Module] = {}
         self.decompositions: Counter[tuple[str, str]] = Counter()
 
     def factors(self, name: str, method: str, rank: Rank) -> Factors:
-        """Factors of site ``name`` that build ``method`` at ``rank`` (computed at most once)."""
+        """Factors of site ``name`` that build ``method`` at ``rank``: exactly those of
+        ``decompose`` at ``rank`` (each decomposition runs at most once)."""
         site = self.space.decomposable_site(name)
+        self.space.ranks(name, method)  # raises unless the space offers the method there
         fac = factorize.get(method)
         rank = fac.normalize_rank(site, rank)
         if not fac.sliceable:
@@ -53,15 +58,9 @@ class FactorCache:
             if key not in self._per_rank:
                 self._per_rank[key] = self._decompose(site, method, rank)
             return self._per_rank[key]
-        held = self._sliced.get((name, method))
-        if held is not None and _covers(held[0], rank):
-            return held[1]
-        top = _largest(self.space.ranks(name, method)[-1], rank)
-        if held is not None:
-            top = _largest(top, held[0])
-        factors = self._decompose(site, method, top)
-        self._sliced[(name, method)] = (top, factors)
-        return factors
+        if (name, method) not in self._top:
+            self._top[(name, method)] = self._decompose(site, method, fac.max_rank(site))
+        return fac.slice(self._top[(name, method)], site, rank)
 
     def build(self, name: str, choice: Choice) -> nn.Module:
         """The factorized module for ``choice`` on site ``name``, weights set from the cache.
@@ -82,11 +81,12 @@ class FactorCache:
         return self._weights[name]
 
     def singular_values(self, name: str) -> torch.Tensor:
-        """Singular values (descending) of the site's weight as an out × (in·kh·kw) matrix."""
+        """Singular values (descending, float64) of the site's weight as an out × (in·kh·kw)
+        matrix; for a grouped convolution, the per-group spectra pooled as in
+        `ranksearch.vbmf.site_spectra`."""
         if name not in self._spectra:
-            self.space.decomposable_site(name)
-            w = self._weights[name]
-            self._spectra[name] = torch.linalg.svdvals(w.reshape(w.shape[0], -1).double())
+            site = self.space.decomposable_site(name)
+            self._spectra[name] = site_spectra(site, self._weights[name], "svd")[0]
         return self._spectra[name]
 
     def _decompose(self, site: Site, method: str, rank: Rank) -> Factors:
@@ -103,15 +103,3 @@ def effective_rank(singular_values: torch.Tensor) -> float:
         return 0.0
     p = s[s > 0] / total
     return float(torch.exp(-(p * p.log()).sum()))
-
-
-def _covers(held: Rank, wanted: Rank) -> bool:
-    if isinstance(held, int):
-        return held >= wanted  # type: ignore[operator]
-    return all(h >= w for h, w in zip(held, wanted, strict=True))  # type: ignore[arg-type]
-
-
-def _largest(a: Rank, b: Rank) -> Rank:
-    if isinstance(a, int):
-        return max(a, b)  # type: ignore[type-var]
-    return tuple(max(x, y) for x, y in zip(a, b, strict=True))  # type: ignore[arg-type]

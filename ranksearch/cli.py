@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -18,15 +19,15 @@ from .constraints import parse_constraints
 from .cost import CostModel
 from .errors import RankSearchError
 from .evaluate import ProxySettings
+from .export import scored_model, study_of
 from .models import build_model
-from .pareto import best, parse_objectives
+from .pareto import parse_objectives
 from .report import front_table, plot_fronts, write_csv, write_json
 from .schedules import SCHEDULES, finetune
 from .search import SearchResult, search
-from .space import Config, RankSpace
+from .space import Config, SpaceSpec
 from .store import default_url, list_studies, read_study
 from .strategy import available_strategies
-from .surgery import compress, save
 from .task import Task, evaluate_accuracy, load_task, load_user_task, pretrained
 
 DEMO_STRATEGY = "pca_energy"
@@ -92,6 +93,11 @@ def _parser() -> argparse.ArgumentParser:
     ray.add_argument("--early-stop", default=None, choices=("asha", "none"),
                      help="stop poor candidates early with ASHA on the proxy accuracy (asha)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--retry-failed", action="store_true",
+                   help="evaluate stored failed candidates again")
+    p.add_argument("--share-results", action="store_true",
+                   help="reuse results of other searches in the store that measured exactly "
+                   "the same (same weights, data, proxy settings and space)")
     _proxy_options(p)
     _space_options(p)
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -170,6 +176,15 @@ def _space_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exclude", type=_names, default=None, help="glob patterns of layer names")
     p.add_argument("--min-params", type=int, default=0, help="skip layers with fewer weights")
     p.add_argument("--multiple-of", type=int, default=1, help="round ranks to this multiple")
+    p.add_argument("--dearer", action="store_true",
+                   help="also offer ranks that cost as much as the dense layer or more")
+
+
+def space_spec(args: argparse.Namespace) -> SpaceSpec:
+    """The space options of the command line."""
+    return SpaceSpec(methods=args.methods, include=args.include, exclude=args.exclude,
+                     min_params=args.min_params, multiple_of=args.multiple_of,
+                     dearer=args.dearer)
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -203,10 +218,7 @@ def load_model(spec: str, input_shape: tuple[int, ...] | None) -> tuple[nn.Modul
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     model, example = load_model(args.model, args.input_shape)
-    space = RankSpace.discover(
-        model, example, methods=args.methods, include=args.include, exclude=args.exclude,
-        min_params=args.min_params, multiple_of=args.multiple_of,
-    )
+    space = space_spec(args).discover(model, example)
     cache = FactorCache(model, space)
     costs = CostModel(space)
     dense = costs.metrics(Config())
@@ -263,10 +275,10 @@ def cmd_search(args: argparse.Namespace) -> int:
         time_limit=args.time_limit, executor=args.executor,
         executor_options=_ray_options(args),
         store=args.store, study=args.study,
-        out=args.out, seed=args.seed, proxy=proxy, methods=args.methods,
-        multiple_of=args.multiple_of, progress=not args.no_progress,
-        meta={"task_spec": args.task, "data": args.data, "model": args.model,
-              "methods": args.methods, "multiple_of": args.multiple_of},
+        out=args.out, seed=args.seed, proxy=proxy, space=space_spec(args),
+        retry_failed=args.retry_failed, share_results=args.share_results,
+        progress=not args.no_progress,
+        meta={"task_spec": args.task, "data": args.data, "model": args.model},
     )
     _summarize(result, Path(args.out))
     return 0
@@ -277,7 +289,7 @@ def _summarize(result: SearchResult, out: Path) -> None:
           f"{len(result.results)} stored)")
     print(front_table(result.results, result.objectives, result.constraints))
     runs = {result.study: result.results}
-    write_csv(out / f"{result.study}.csv", result.results, result.objectives)
+    write_csv(out / f"{result.study}.csv", result.results, result.objectives, result.constraints)
     write_json(out / f"{result.study}.json", result.results, result.objectives,
                result.constraints, result.meta)
     paths = plot_fronts(runs, out, result.objectives, result.constraints,
@@ -295,53 +307,54 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise RankSearchError(f"the store {url} holds no search yet; run `ranksearch search`")
     objectives = parse_objectives(args.objective)
     out = Path(args.out)
-    runs = {}
+    runs, budgets = {}, {}
     for name in studies:
         results, meta = read_study(url, name)
         constraints = parse_constraints(args.constraint or meta.get("constraints", []))
-        runs[name] = results
+        runs[name], budgets[name] = results, constraints
         print(f"\n== {name}: strategy {meta.get('strategy', '?')}, "
               f"constraints {[str(c) for c in constraints] or 'none'}")
         print(front_table(results, objectives, constraints))
-        write_csv(out / f"{name}.csv", results, objectives)
+        write_csv(out / f"{name}.csv", results, objectives, constraints)
         write_json(out / f"{name}.json", results, objectives, constraints, meta)
-    paths = plot_fronts(runs, out, objectives, parse_constraints(args.constraint))
+    paths = plot_fronts(runs, out, objectives, budgets)
     print(f"\nwrote {', '.join(str(p) for p in paths)}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     url = args.store or default_url(args.out)
-    study = args.study
-    if study is None:
-        names = list_studies(url)
-        if len(names) != 1:
-            raise RankSearchError(
-                f"the store holds {names or 'no searches'}; name one with --study"
-            )
-        study = names[0]
-    results, meta = read_study(url, study)
-    picked = best(results, args.pick or meta.get("constraints", []))
-    if picked is None:
-        raise RankSearchError(f"no stored result of {study!r} meets {args.pick}; relax --pick")
+    study = study_of(url, args.study)
+    _, meta = read_study(url, study)
+    if "task_spec" not in meta:
+        raise RankSearchError(
+            f"study {study!r} was made through the Python API, so the command line cannot "
+            "rebuild its model and task. Export it in Python: "
+            "ranksearch.scored_model(model, task, store=..., study=...).write(path), or "
+            "result.model(result.best()) on the SearchResult"
+        )
     model, task = model_and_task(meta["task_spec"], meta.get("data"), meta.get("model"),
                                  args.out)
+    exported = scored_model(model, task, store=url, study=study, pick=args.pick)
+    picked, compressed = exported.result, exported.model
+    accuracy = exported.metrics["accuracy"]
+    further = None
     if args.finetune_epochs:
         compressed = finetune(model, picked.config, task, schedule=args.schedule,
                               epochs=args.finetune_epochs, lr=args.lr)
-    else:
-        compressed = compress(model, picked.config)
-    accuracy = evaluate_accuracy(compressed, task.val)
+        further = evaluate_accuracy(compressed, task.val)
     output = Path(args.output) if args.output else Path(args.out) / "model.pt"
-    save(output, compressed, picked.config)
-    output.with_suffix(".json").write_text(json.dumps({
-        "config": picked.config.to_json(), "search_metrics": dict(picked.metrics),
-        "val_accuracy": accuracy, "study": study, "finetune_epochs": args.finetune_epochs,
-        "schedule": args.schedule if args.finetune_epochs else None,
-    }, indent=2))
+    written = replace(exported, model=compressed).write(
+        output, study=study, finetune_epochs=args.finetune_epochs,
+        schedule=args.schedule if args.finetune_epochs else None,
+        finetuned_val_accuracy=further)
     print(f"exported {picked.config}\n  search accuracy {picked.metrics['accuracy']:.4f}, "
           f"flops {picked.metrics['flops_ratio']:.3f}, params {picked.metrics['params_ratio']:.3f}"
-          f"\n  val accuracy of the written model {accuracy:.4f}\n  wrote {output}")
+          f"\n  accuracy of the rebuilt scored model {accuracy:.4f} (the proxy's validation)")
+    if further is not None:
+        print(f"  val accuracy after {args.finetune_epochs} more epoch(s) ({args.schedule}) "
+              f"{further:.4f}")
+    print(f"  wrote {written}")
     return 0
 
 

@@ -134,7 +134,7 @@ class _SiteCost:
 class CostModel:
     """Exact parameters, MACs and modelled energy of any configuration of a `RankSpace`.
 
-    Every site the traced forward pass called is priced, the non-decomposable ones (grouped
+    Every site the traced forward pass called is priced, the non-decomposable ones (depthwise
     convolutions, shared layers, …) at their dense cost. MACs and activation traffic count once
     per call of a site; parameters once. All figures are per input sample. ``energy`` defaults
     to `EnergyTable()`.

@@ -26,7 +26,7 @@ class UnknownLayerError(RankSearchError, KeyError):
 
 
 class NotAdmittedError(RankSearchError, ValueError):
-    """The layer does not admit this factorization (e.g. a grouped convolution, or cp3 on a
+    """The layer does not admit this factorization (e.g. a depthwise convolution, or cp3 on a
     linear layer)."""
 
 

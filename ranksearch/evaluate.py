@@ -17,7 +17,8 @@ from torch import nn
 from .cache import FactorCache
 from .cost import CostModel, measure_latency
 from .errors import RankSearchError
-from .result import Result
+from .fingerprint import Fingerprint, fingerprint
+from .result import Result, Status
 from .space import Config, RankSpace
 from .surgery import compress
 from .task import Task
@@ -98,6 +99,7 @@ class Evaluator:
         settings: ProxySettings = ProxySettings(),
         space: RankSpace | None = None,
         cache: FactorCache | None = None,
+        fingerprint: Fingerprint | None = None,
     ) -> None:
         self.model = model.eval()
         self.task = task
@@ -107,21 +109,46 @@ class Evaluator:
         self.costs = CostModel(self.space)
         self._val = _batches(task, "val", settings.eval_batch_size, settings.eval_batches)
         self._dense_latency: float | None = None
+        self._fingerprint = fingerprint
+
+    @property
+    def fingerprint(self) -> Fingerprint:
+        """The fingerprint of this evaluator's measurements (weights, data, loss, proxy
+        settings, space), computed once."""
+        if self._fingerprint is None:
+            self._fingerprint = fingerprint(self.model, self.task, self.settings, self.space)
+        return self._fingerprint
+
+    def result(self, config: Config, metrics: dict[str, float], status: Status = "ok",
+               reason: str | None = None, wall_time: float = 0.0) -> Result:
+        """A `Result` of ``config`` stamped with this evaluator's proxy and fingerprint."""
+        return Result(config=config, metrics=metrics, status=status, reason=reason,
+                      wall_time=wall_time, proxy=self.settings.describe(),
+                      fingerprint=self.fingerprint.digest)
+
+    def candidate(self, config: Config, report: Reporter | None = None
+                  ) -> tuple[nn.Module, bool]:
+        """The model this evaluator scores for ``config``: built from the factor cache and
+        fine-tuned by the proxy (seeded, so the same every time on the same device), and
+        whether ``report`` stopped the fine-tuning early. Export builds through here too."""
+        candidate = compress(self.model, config, cache=self.cache)
+        candidate.to(self.settings.device)
+        stopped = False
+        if self.settings.steps:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(self.settings.seed)
+                stopped = self._finetune(candidate, report)
+        return candidate, stopped
 
     def __call__(self, config: Config, report: Reporter | None = None) -> Result:
         start = time.perf_counter()
         metrics: dict[str, float] = dict(self.costs.metrics(config))
         status, reason = "ok", None
         try:
-            candidate = compress(self.model, config, cache=self.cache)
-            candidate.to(self.settings.device)
             if self.settings.latency:
-                metrics.update(self.latency(candidate))
-            stopped = False
-            if self.settings.steps:
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(self.settings.seed)
-                    stopped = self._finetune(candidate, report)
+                built = compress(self.model, config, cache=self.cache).to(self.settings.device)
+                metrics.update(self.latency(built))
+            candidate, stopped = self.candidate(config, report)
             metrics.update(self.validate(candidate))
             if stopped:
                 status = "pruned"
@@ -132,14 +159,7 @@ class Evaluator:
         except (RuntimeError, ValueError) as e:  # numerical trouble inside torch
             log.warning("candidate %s failed: %s", config, e)
             status, reason = "failed", f"{type(e).__name__}: {e}"
-        return Result(
-            config=config,
-            metrics=metrics,
-            status=status,
-            reason=reason,
-            wall_time=time.perf_counter() - start,
-            proxy=self.settings.describe(),
-        )
+        return self.result(config, metrics, status, reason, time.perf_counter() - start)
 
     def latency(self, model: nn.Module) -> dict[str, float]:
         """Median latency (seconds, batch 1) of ``model`` and its ratio to the dense model's."""

@@ -260,11 +260,15 @@ def _dense_value(results: Iterable[Result], metric: str) -> float | None:
     return None
 
 
+#: Constraints for every run alike, or per run label.
+RunConstraints = Iterable[str | Constraint] | Mapping[str, Iterable[str | Constraint]]
+
+
 def front_figure(
     runs: Mapping[str, Sequence[Result]],
     axis: str,
     objectives: Iterable[str | Objective] = ("accuracy",),
-    constraints: Iterable[str | Constraint] = (),
+    constraints: RunConstraints = (),
 ) -> Figure | None:
     """A Matplotlib ``Figure`` (no pyplot) of each run's results and Pareto front against the
     ratio to the dense model of the cost metric ``axis`` (params, flops, energy, macs or
@@ -273,7 +277,8 @@ def front_figure(
     ``runs`` maps a label (shown in the legend) to that run's results. The y axis is the first
     of ``objectives`` that is not a cost metric (accuracy by default); the x axis is the
     ``<axis>_ratio`` metric. Every ok result shows as a faint point; each run's front for
-    (y, x) under ``constraints`` as a step line with markers, one colour per run. Constraints
+    (y, x) under ``constraints`` (one set for every run, or a mapping from label to each run's
+    own) as a step line with markers, one colour per run. Constraints
     on ``axis`` are drawn as vertical dashed lines (absolute ones converted to a ratio with the
     dense value the results imply, and left out when none does) and those on the y metric as
     horizontal ones.
@@ -284,7 +289,8 @@ def front_figure(
     if axis not in COST_METRICS:
         raise ConstraintError(f"cannot plot against {axis!r}; choose one of {COST_METRICS}")
     y = _quality(objectives)
-    cons = parse_constraints(constraints)
+    per_run = _per_run(runs, constraints)
+    cons = tuple(dict.fromkeys(c for run in per_run.values() for c in run))
     x = Objective(f"{axis}_ratio")
     points = {label: eligible(results, (y, x)) for label, results in runs.items()}
     if not any(points.values()):
@@ -302,7 +308,7 @@ def front_figure(
             alpha=0.25,
             linewidths=0,
         )
-        best = front(results, (y, x), cons)
+        best = front(results, (y, x), per_run[label])
         ax.step(
             [x.value(r.metrics) for r in best],
             [y.value(r.metrics) for r in best],
@@ -329,11 +335,20 @@ def front_figure(
     return fig
 
 
+def _per_run(runs: Mapping[str, Sequence[Result]], constraints: RunConstraints
+             ) -> dict[str, tuple[Constraint, ...]]:
+    """Each run's constraints: its own from a mapping, or the one set for all."""
+    if isinstance(constraints, Mapping):
+        return {label: parse_constraints(constraints.get(label, ())) for label in runs}
+    shared = parse_constraints(constraints)
+    return dict.fromkeys(runs, shared)
+
+
 def plot_fronts(
     runs: Mapping[str, Sequence[Result]],
     out_dir: str | os.PathLike,
     objectives: Iterable[str | Objective] = ("accuracy",),
-    constraints: Iterable[str | Constraint] = (),
+    constraints: RunConstraints = (),
     prefix: str = "front",
     *,
     dpi: int = 100,
@@ -343,7 +358,7 @@ def plot_fronts(
     has a value for is skipped. ``objectives`` gives the y axis (the first that is not a cost
     metric, accuracy by default; the search's objectives can be passed as they are)."""
     objectives = parse_objectives(objectives)
-    constraints = parse_constraints(constraints)
+    constraints = _per_run(runs, constraints)
     written: list[Path] = []
     for axis in PLOT_AXES:
         fig = front_figure(runs, axis, objectives, constraints)

@@ -15,7 +15,8 @@ Status = Literal["ok", "failed", "pruned"]
 class Result:
     """One evaluation: the config, its metrics (accuracy, loss, params, flops, energy, ...),
     ``status`` ("ok", "failed" with ``reason``, or "pruned" by early stopping), the wall time in
-    seconds, and ``proxy``, a description of how it was evaluated."""
+    seconds, ``proxy``, a description of how it was evaluated, and ``fingerprint``, the digest
+    of everything that decided the score (`ranksearch.fingerprint.Fingerprint.digest`)."""
 
     config: Config
     metrics: Mapping[str, float] = field(default_factory=dict)
@@ -23,6 +24,7 @@ class Result:
     reason: str | None = None
     wall_time: float = 0.0
     proxy: str = ""
+    fingerprint: str = ""
 
     @property
     def ok(self) -> bool:
@@ -36,6 +38,7 @@ class Result:
             "reason": self.reason,
             "wall_time": self.wall_time,
             "proxy": self.proxy,
+            "fingerprint": self.fingerprint,
         }
 
     @classmethod
@@ -47,4 +50,5 @@ class Result:
             reason=data.get("reason"),
             wall_time=float(data.get("wall_time", 0.0)),
             proxy=data.get("proxy", ""),
+            fingerprint=data.get("fingerprint", ""),
         )

@@ -17,12 +17,13 @@ from tqdm.auto import tqdm
 from .constraints import Constraint, parse_constraints
 from .cost import METRICS as PRICED
 from .cost import CostModel
-from .errors import RankSearchError
+from .errors import ConfigError, RankSearchError
 from .evaluate import Evaluator, ProxySettings
 from .executors import Executor, get_executor
+from .fingerprint import Fingerprint
 from .pareto import Objective, best, front, hypervolume, knee, parse_objectives, reference_point
 from .result import Result
-from .space import Choice, Config, RankSpace
+from .space import Choice, Config, RankSpace, SpaceSpec
 from .store import Store, default_url
 from .strategy import SearchContext, StopSearch, Strategy, load_strategy
 from .task import Task
@@ -51,6 +52,7 @@ class SearchResult:
     stopped: str = "finished"
     evaluated: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
+    evaluator: Evaluator | None = field(default=None, repr=False)
 
     def front(self, constraints: Sequence[str | Constraint] | None = None) -> list[Result]:
         """The non-dominated results that satisfy the constraints (the search's by default)."""
@@ -70,6 +72,15 @@ class SearchResult:
         points = self.front()
         return knee(points, self.objectives) if points else None
 
+    def model(self, result: Result | Config) -> nn.Module:
+        """The candidate that was scored for ``result`` (or a config): built from the same
+        factors and fine-tuned by the same seeded proxy, in eval mode."""
+        if self.evaluator is None:
+            raise RankSearchError("this SearchResult has no evaluator; use "
+                                  "ranksearch.export.scored_model(model, task, ...)")
+        config = result.config if isinstance(result, Result) else result
+        return self.evaluator.candidate(config)[0].eval()
+
 
 def search(
     model: nn.Module,
@@ -87,9 +98,15 @@ def search(
     out: str = "ranksearch-out",
     seed: int = 0,
     proxy: ProxySettings | None = None,
-    space: RankSpace | None = None,
-    methods: Sequence[str] | None = None,
+    space: RankSpace | SpaceSpec | None = None,
+    methods: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    min_params: int = 0,
     multiple_of: int = 1,
+    dearer: bool = False,
+    retry_failed: bool = False,
+    share_results: bool = False,
     progress: bool = False,
     meta: Mapping[str, Any] | None = None,
 ) -> SearchResult:
@@ -105,6 +122,14 @@ def search(
     ``address``, ``cpus_per_trial``, ``max_concurrent``, ``early_stop``).
     ``constraints`` are strings like ``"flops<=0.5"`` (a ratio of the dense model) or
     ``"params<=2e6"`` (absolute); ``store`` is a database URL (default: SQLite in ``out``).
+
+    The space is ``space`` (a `RankSpace`, or a `SpaceSpec` to discover), or discovered with
+    ``methods``, ``include``, ``exclude``, ``min_params``, ``multiple_of`` and ``dearer`` (see
+    `SpaceSpec`); not both. The study name (unless given) and the stored fingerprint cover
+    every option, the model's weights and the task's data, so a different search never
+    resumes another's results. ``retry_failed`` evaluates stored failures again (once per
+    run). ``share_results`` reuses results of other studies in the store whose fingerprint is
+    exactly this search's.
     """
     if evaluations < 1:
         raise RankSearchError(f"evaluations must be at least 1, got {evaluations}")
@@ -114,21 +139,33 @@ def search(
     if any(x.metric == "latency" for x in (*cons, *objs)) and not proxy.latency:
         proxy = replace(proxy, latency=True)
     strat = load_strategy(strategy, strategy_options)
-    if space is None:
-        space = RankSpace.discover(model, task.example_input(), methods=methods,
-                                   multiple_of=multiple_of)
+    given = SpaceSpec(methods, include, exclude, min_params, multiple_of, dearer=dearer)
+    if isinstance(space, RankSpace):
+        if given != SpaceSpec():
+            raise ConfigError(
+                "space= is a RankSpace made already, so methods/include/exclude/min_params/"
+                "multiple_of/dearer would be ignored; pass them to RankSpace.discover, or pass "
+                "a SpaceSpec (or the options alone) instead"
+            )
+    else:
+        if space is not None and given != SpaceSpec():
+            raise ConfigError("pass the space options either in the SpaceSpec or one by one, "
+                              "not both")
+        space = (space or given).discover(model, task.example_input())
     costs = CostModel(space)
     check_reachable(space, costs, cons)
+    evaluator = Evaluator(model, task, proxy, space)
     url = store or default_url(out)
-    name = study or study_name(task.name, strat.name, cons, objs, proxy, strategy_options, seed)
+    name = study or study_name(task.name, strat.name, cons, objs, proxy, strategy_options, seed,
+                               space, evaluator.fingerprint)
     run_meta = {"task": task.name, "strategy": strat.name,
                 "strategy_options": dict(strategy_options or {}),
                 "constraints": [str(c) for c in cons], "proxy": proxy.to_json(), "seed": seed,
-                **dict(meta or {})}
-    db = Store(url, name, space, objs, meta=run_meta)
-    evaluator = Evaluator(model, task, proxy, space)
+                "space": space.spec.to_json(), **dict(meta or {})}
+    db = Store(url, name, space, objs, meta=run_meta, fingerprint=evaluator.fingerprint,
+               share=share_results)
     runner = get_executor(executor, **dict(executor_options or {}))
-    loop = SearchLoop(db, evaluator, runner, evaluations, time_limit, progress)
+    loop = SearchLoop(db, evaluator, runner, evaluations, time_limit, progress, retry_failed)
     ctx = SearchContext(
         space=space, costs=costs, cache=evaluator.cache, constraints=cons, objectives=objs,
         rng=np.random.default_rng(seed), evaluations=evaluations, evaluate=loop.evaluate_now,
@@ -141,6 +178,7 @@ def search(
     return SearchResult(
         results=db.results(), objectives=objs, constraints=cons, space=space, costs=costs,
         store_url=url, study=name, stopped=stopped, evaluated=loop.evaluated, meta=run_meta,
+        evaluator=evaluator,
     )
 
 
@@ -152,8 +190,13 @@ class SearchLoop:
     """
 
     def __init__(self, store: Store, evaluator: Evaluator, executor: Executor, evaluations: int,
-                 time_limit: float | None, progress: bool) -> None:
+                 time_limit: float | None, progress: bool, retry_failed: bool = False) -> None:
         self.store = store
+        self.retry_failed = retry_failed
+        self._retried: set[str] = set()
+        #: stored failures a retry may evaluate again; they do not count against the budget
+        self._failures = {r.config.key for r in store if r.status == "failed"} \
+            if retry_failed else set()
         self.evaluator = evaluator
         self.executor = executor
         self.evaluations = evaluations
@@ -161,7 +204,7 @@ class SearchLoop:
         self.evaluated = 0
         self.best: Result | None = None
         self.ctx: SearchContext
-        self.bar = tqdm(total=evaluations, initial=min(len(store), evaluations),
+        self.bar = tqdm(total=evaluations, initial=min(self.stored, evaluations),
                         disable=not progress, desc="search", unit="eval")
 
     def run(self, strategy: Strategy) -> str:
@@ -208,14 +251,29 @@ class SearchLoop:
             config = self.store.space.validate(config)
             if config.key in known or config.key in todo:
                 continue
-            stored = self.store.get(config, proxy=self.evaluator.settings.describe())
+            stored = self.store.get(config)
+            if stored is not None and self._retry(stored):
+                stored = None
             if stored is not None:
                 known[config.key] = stored
             elif config not in self.ctx.probes and not self.ctx.feasible(config):
                 known[config.key] = self._infeasible(config)
-            elif self.exhausted() is None and len(self.store) + len(todo) < self.evaluations:
+            elif self.exhausted() is None and self.stored + len(todo) < self.evaluations:
                 todo[config.key] = config
         return known, list(todo.values())
+
+    @property
+    def stored(self) -> int:
+        """Stored results that count against the evaluation budget (every stored result, less
+        the failures a retry has yet to evaluate again)."""
+        return len(self.store) - len(self._failures)
+
+    def _retry(self, stored: Result) -> bool:
+        """Whether to evaluate a stored result again: a failure, once per run, when asked."""
+        if stored.config.key not in self._failures or stored.config.key in self._retried:
+            return False
+        self._retried.add(stored.config.key)
+        return True
 
     def tell(self, strategy: Strategy, results: Sequence[Result]) -> None:
         """Hand ``results`` to the strategy and append them to ``ctx.history``."""
@@ -225,6 +283,7 @@ class SearchLoop:
     def record(self, result: Result) -> None:
         """Commit a finished evaluation to the store (before anything else is asked)."""
         self.store.save(result)
+        self._failures.discard(result.config.key)
         self.evaluated += 1
         self.bar.update(1)
         self._show_best(result)
@@ -233,10 +292,10 @@ class SearchLoop:
         metrics = self.ctx.costs.metrics(config)
         broken = [str(c) for c in self.ctx.cost_constraints() if not c.satisfied(metrics)]
         return Result(config, metrics, "failed", f"infeasible: violates {', '.join(broken)}",
-                      proxy="cost check")
+                      proxy="cost check", fingerprint=self.evaluator.fingerprint.digest)
 
     def exhausted(self) -> str | None:
-        if len(self.store) >= self.evaluations:
+        if self.stored >= self.evaluations:
             return "finished"
         if self.deadline is not None and time.monotonic() >= self.deadline:
             return "time limit"
@@ -264,22 +323,31 @@ def in_order(configs: Sequence[Config], results: Mapping[str, Result]) -> list[R
 
 def check_reachable(space: RankSpace, costs: CostModel, constraints: Sequence[Constraint]
                     ) -> None:
-    """Raise when a cost constraint is not met even by the cheapest config of the space."""
-    for c in constraints:
-        if c.metric not in PRICED:
-            continue
-        metric = c.metric
-        cheapest = Config({
-            name: min(space.choices(name), key=lambda ch, n=name: _site_cost(costs, n, ch, metric))
+    """Raise when no configuration of the space can meet the cost constraints: an upper bound
+    that even the cheapest config breaks, a lower bound that even the dearest breaks, or an
+    upper and a lower bound on one metric that leave nothing between them."""
+    priced = [c for c in constraints if c.metric in PRICED]
+    for c in priced:
+        pick = min if c.op == "<=" else max
+        extreme = Config({
+            name: pick(space.choices(name), key=lambda ch, n=name: _site_cost(costs, n, ch,
+                                                                              c.metric))
             for name in space.names
         })
-        metrics = costs.metrics(cheapest)
+        metrics = costs.metrics(extreme)
         if not c.satisfied(metrics):
+            which = "cheapest" if c.op == "<=" else "dearest"
             raise ConstraintUnreachableError(
-                f"no configuration of the space meets {c}: the cheapest reaches "
+                f"no configuration of the space meets {c}: the {which} reaches "
                 f"{c.metric} {metrics[c.key]:.4g}. Relax the constraint, allow lower ranks "
                 "(min_rank) or more factorizations (methods)."
             )
+    for low in (c for c in priced if c.op == ">="):
+        for high in (c for c in priced if c.op == "<=" and c.metric == low.metric):
+            if low.value > high.value and low.relative == high.relative:
+                raise ConstraintUnreachableError(
+                    f"the constraints {low} and {high} leave no room between them; loosen one"
+                )
 
 
 def _site_cost(costs: CostModel, name: str, choice: Choice, metric: str) -> float:
@@ -288,14 +356,18 @@ def _site_cost(costs: CostModel, name: str, choice: Choice, metric: str) -> floa
 
 def study_name(task: str, strategy: str, constraints: Sequence[Constraint],
                objectives: Sequence[Objective], proxy: ProxySettings,
-               options: Mapping[str, Any] | None, seed: int) -> str:
-    """A name that is the same for the same search, so re-running it resumes."""
+               options: Mapping[str, Any] | None, seed: int, space: RankSpace,
+               fingerprint: Fingerprint) -> str:
+    """A name that is the same for the same search, so re-running it resumes: it covers every
+    option, the space, and the fingerprint (weights, data, loss)."""
     spec = json.dumps({
         "constraints": [str(c) for c in constraints],
         "objectives": [str(o) for o in objectives],
         "proxy": proxy.to_json(),
         "options": dict(options or {}),
         "seed": seed,
+        "space": space.spec.to_json(),
+        "fingerprint": fingerprint.digest,
     }, sort_keys=True, default=str)
     return f"{task}-{strategy}-{hashlib.sha256(spec.encode()).hexdigest()[:8]}"
 

@@ -244,6 +244,79 @@ class Config(Mapping[str, Choice]):
         return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
 
 
+
+@dataclass(frozen=True)
+class SpaceSpec:
+    """Every option that decides which layers a search may factorize and how.
+
+    One frozen record carries them from the CLI or the API to discovery, the study name and
+    the fingerprint of a search, so that two searches share results only when their spaces
+    were made alike.
+
+    ``methods``: factorization names for every site (each site keeps those it admits), or
+    ``(kind, names)`` pairs such as ``(("conv2d", ("tucker2",)), ("linear", ("svd",)))``;
+    None: tucker2 for convolutions, svd for linear layers. ``include``/``exclude``: glob
+    patterns on dotted layer names. Layers with fewer than ``min_params`` weights stay dense.
+    Ranks are rounded to ``multiple_of``, at least ``min_rank``, at most ``max_choices`` per
+    site and method. ``dearer``: also offer ranks that cost as much as the dense layer or more
+    in both parameters and MACs (off by default: such a choice is never worth building).
+    """
+
+    methods: tuple[str, ...] | tuple[tuple[str, tuple[str, ...]], ...] | None = None
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] | None = None
+    min_params: int = 0
+    multiple_of: int = 1
+    min_rank: int = 1
+    max_choices: int = 64
+    dearer: bool = False
+
+    def __post_init__(self) -> None:
+        methods = self.methods
+        if isinstance(methods, str):
+            methods = (methods,)
+        if isinstance(methods, Mapping):
+            methods = tuple((k, tuple(v)) for k, v in sorted(methods.items()))
+        elif methods is not None:
+            methods = tuple(m if isinstance(m, str) else (m[0], tuple(m[1])) for m in methods)
+        object.__setattr__(self, "methods", methods)
+        for key in ("include", "exclude"):
+            value = getattr(self, key)
+            if isinstance(value, str):
+                value = (value,)
+            object.__setattr__(self, key, None if value is None else tuple(value))
+        for key, low in (("min_params", 0), ("multiple_of", 1), ("min_rank", 1),
+                         ("max_choices", 2)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"space option {key} must be an integer ≥ {low}, got {value!r}")
+        _methods_by_kind(self.method_map())  # unknown names raise here
+
+    def method_map(self) -> Mapping[str, Sequence[str]] | Sequence[str] | None:
+        """``methods`` in the form `RankSpace.discover` reads."""
+        if self.methods and not isinstance(self.methods[0], str):
+            return dict(self.methods)  # type: ignore[arg-type]
+        return self.methods  # type: ignore[return-value]
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        if self.methods and not isinstance(self.methods[0], str):
+            data["methods"] = {k: list(v) for k, v in self.methods}  # type: ignore[misc]
+        return data
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> SpaceSpec:
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown space option(s) {unknown}; valid: {sorted(known)}")
+        return cls(**data)
+
+    def discover(self, model: nn.Module,
+                 example_input: torch.Tensor | tuple[torch.Tensor, ...]) -> RankSpace:
+        """`RankSpace.discover` with these options."""
+        return RankSpace.discover(model, example_input, spec=self)
+
 @dataclass(frozen=True)
 class RankSpace:
     """The decomposable sites of a model and the ranks each factorization may take.
@@ -251,7 +324,9 @@ class RankSpace:
     The rank grid of a site and method holds ranks rounded to ``multiple_of`` (the maximum is
     kept even when it is not a multiple), at least ``min_rank``, and at most ``max_choices``
     values spread evenly. Tuple ranks (tucker2, tt, tr) move along one line: every component
-    scales with the same fraction of its maximum.
+    scales with the same fraction of its maximum. Unless ``spec.dearer``, a grid leaves out
+    the ranks that cost at least as much as the dense layer in both parameters and MACs.
+    ``spec`` records the options the space was discovered with.
     """
 
     sites: tuple[Site, ...]
@@ -259,11 +334,17 @@ class RankSpace:
     multiple_of: int = 1
     min_rank: int = 1
     max_choices: int = 64
+    spec: SpaceSpec = field(default_factory=lambda: SpaceSpec())
     _grids: dict[tuple[str, str], tuple[Rank, ...]] = field(
         default_factory=dict, repr=False, compare=False, hash=False
     )
 
     def __post_init__(self) -> None:
+        grid = (self.spec.multiple_of, self.spec.min_rank, self.spec.max_choices)
+        if (self.multiple_of, self.min_rank, self.max_choices) != grid:
+            object.__setattr__(self, "spec", replace(
+                self.spec, multiple_of=self.multiple_of, min_rank=self.min_rank,
+                max_choices=self.max_choices))
         if self.multiple_of < 1 or self.min_rank < 1 or self.max_choices < 2:
             raise RankSearchError(
                 "multiple_of and min_rank must be at least 1 and max_choices at least 2, got "
@@ -283,16 +364,25 @@ class RankSpace:
         multiple_of: int = 1,
         min_rank: int = 1,
         max_choices: int = 64,
+        dearer: bool = False,
+        spec: SpaceSpec | None = None,
     ) -> RankSpace:
         """Trace one forward pass of ``model`` on ``example_input`` and list its sites.
 
-        ``methods``: factorization names for every site (each site keeps those it admits), or a
-        mapping from kind ("conv2d", "linear") to names. Default: tucker2 for convolutions, svd
-        for linear layers. ``include``/``exclude``: glob patterns on dotted layer names.
-        Layers with fewer than ``min_params`` weights are listed but not decomposable.
+        The options are those of `SpaceSpec` (pass them one by one, or as ``spec``, not both).
+        Layers with fewer than ``min_params`` weights, layers whose weight is tied to another
+        module's (factorizing one would untie them) and layers a forward pass calls more than
+        once are listed but not decomposable, each with its reason.
         """
-        wanted = _methods_by_kind(methods)
+        given = SpaceSpec(methods, include, exclude, min_params, multiple_of, min_rank,
+                          max_choices, dearer)
+        if spec is None:
+            spec = given
+        elif given != SpaceSpec():
+            raise ConfigError("pass the space options either one by one or as spec=, not both")
+        wanted = _methods_by_kind(spec.method_map())
         shapes = _trace(model, example_input)
+        tied = _tied(model)
         sites = []
         for name, module in model.named_modules():
             if not isinstance(module, nn.Conv2d | nn.Linear):
@@ -307,22 +397,26 @@ class RankSpace:
             else:
                 in_size = out_size = ()
             site = replace(Site.from_module(name, module, in_size, out_size), calls=len(calls))
-            reason = _exclusion(site, len(calls), include, exclude, min_params)
+            reason = _exclusion(site, len(calls), spec, tied.get(name))
             admitted: tuple[str, ...] = ()
             if reason is None:
                 candidates = wanted.get(site.kind, ())
-                admitted = tuple(m for m in candidates if factorize.get(m).admits(site) is None)
+                reasons = {m: factorize.get(m).admits(site) for m in candidates}
+                if not spec.dearer:
+                    reasons = {m: r or _dearer(site, m, spec) for m, r in reasons.items()}
+                admitted = tuple(m for m, r in reasons.items() if r is None)
                 if not admitted:
                     reason = "; ".join(
-                        factorize.get(m).admits(site) or "" for m in candidates
+                        f"{m}: {r}" for m, r in reasons.items()
                     ) or f"no factorization requested for {site.kind} layers"
             sites.append(_replace(site, methods=admitted, reason=reason))
         space = cls(
             tuple(sites),
             model_params=sum(p.numel() for p in model.parameters()),
-            multiple_of=multiple_of,
-            min_rank=min_rank,
-            max_choices=max_choices,
+            multiple_of=spec.multiple_of,
+            min_rank=spec.min_rank,
+            max_choices=spec.max_choices,
+            spec=spec,
         )
         if not space.names:
             listing = "; ".join(f"{s.name}: {s.reason}" for s in sites) or "none found"
@@ -368,8 +462,10 @@ class RankSpace:
                     f"method {method!r} is not in the space for layer {name!r}; "
                     f"its methods are {list(site.methods)}"
                 )
-            self._grids[key] = _grid(fac.max_rank(site), self.multiple_of, self.min_rank,
-                                     self.max_choices)
+            grid = _grid(fac.max_rank(site), self.multiple_of, self.min_rank, self.max_choices)
+            if not self.spec.dearer:
+                grid = tuple(r for r in grid if cheaper(site, method, r)) or grid[:1]
+            self._grids[key] = grid
         return self._grids[key]
 
     def choices(self, name: str) -> tuple[Choice, ...]:
@@ -392,12 +488,18 @@ class RankSpace:
         return Config(out)
 
     def full(self, method: str | None = None) -> Config:
-        """Every site at its maximum rank: the factorized model reproduces the dense one."""
-        return Config({
-            s.name: Choice(m, factorize.get(m).max_rank(s))
-            for s in self.decomposable
-            if (m := method_for(s, method)) is not None
-        })
+        """Every site at the maximum rank of ``method`` (each site's first exact method for
+        None), where that rank reproduces the dense layer exactly: sites whose factorization
+        is not exact at its maximal rank (CP) stay dense, so the model equals the dense one."""
+        choices = {}
+        for s in self.decomposable:
+            if method is None:
+                m = next((m for m in s.methods if factorize.get(m).exact_at_max), None)
+            else:
+                m = method_for(s, method)
+            if m is not None and factorize.get(m).exact_at_max:
+                choices[s.name] = Choice(m, factorize.get(m).max_rank(s))
+        return Config(choices)
 
     def uniform(self, fraction: float, method: str | None = None) -> Config:
         """The same fraction of parameters in every layer (the tensorly-torch ``rank=0.5``).
@@ -429,6 +531,7 @@ class RankSpace:
             "multiple_of": self.multiple_of,
             "min_rank": self.min_rank,
             "max_choices": self.max_choices,
+            "spec": self.spec.to_json(),
         }
 
     @classmethod
@@ -439,6 +542,7 @@ class RankSpace:
             multiple_of=data["multiple_of"],
             min_rank=data["min_rank"],
             max_choices=data["max_choices"],
+            spec=SpaceSpec.from_json(data.get("spec", {})),
         )
 
 
@@ -482,15 +586,11 @@ def method_for(site: Site, method: str | None) -> str | None:
     return method if method in site.methods else None
 
 
-def _exclusion(
-    site: Site,
-    calls: int,
-    include: Sequence[str] | None,
-    exclude: Sequence[str] | None,
-    min_params: int,
-) -> str | None:
-    if site.groups != 1:
-        return f"grouped convolution (groups={site.groups}) is not decomposable"
+def _exclusion(site: Site, calls: int, spec: SpaceSpec, tied_to: str | None) -> str | None:
+    include, exclude, min_params = spec.include, spec.exclude, spec.min_params
+    if tied_to is not None:
+        return (f"its weight is tied to {tied_to}: factorizing it would untie them and add "
+                "parameters; untie the weights first to compress this layer")
     if calls == 0:
         return "not called in the traced forward pass"
     if calls > 1:
@@ -504,6 +604,45 @@ def _exclusion(
     if prod(site.weight_shape) < min_params:
         return f"fewer than min_params={min_params} weights"
     return None
+
+
+def _tied(model: nn.Module) -> dict[str, str]:
+    """Conv2d/Linear layers whose weight or bias another module also holds, each with the
+    name of one other holder (e.g. a language model's head tied to its embedding). A module
+    reused under two names is not tied to itself (discovery reports it as shared)."""
+    holders: dict[int, dict[int, str]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for key, param in module.named_parameters(recurse=False):
+            holders.setdefault(id(param), {}).setdefault(id(module), f"{name}.{key}")
+    tied = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Conv2d | nn.Linear):
+            continue
+        for key in ("weight", "bias"):
+            param = getattr(module, key, None)
+            others = [n for m, n in holders.get(id(param), {}).items() if m != id(module)]
+            if param is not None and others:
+                tied[name] = others[0]
+                break
+    return tied
+
+
+def cheaper(site: Site, method: str, rank: Rank) -> bool:
+    """Whether ``method`` at ``rank`` costs less than the dense layer in parameters or MACs."""
+    fac = factorize.get(method)
+    dense = factorize.dense_stage(site)
+    return fac.params(site, rank) < dense.params or fac.macs(site, rank) < dense.macs
+
+
+def _dearer(site: Site, method: str, spec: SpaceSpec) -> str | None:
+    """The reason ``method`` is of no use on ``site``: even its smallest rank costs as much as
+    the dense layer (None when some rank is cheaper)."""
+    top = factorize.get(method).max_rank(site)
+    smallest = _grid(top, spec.multiple_of, spec.min_rank, spec.max_choices)[0]
+    if cheaper(site, method, smallest):
+        return None
+    return ("even its smallest rank costs as much as the dense layer (pass dearer=True to "
+            "allow it)")
 
 
 def _trace(

@@ -13,16 +13,18 @@ import json
 import logging
 import math
 import os
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import optuna
 import sqlalchemy
-from optuna.distributions import IntDistribution
+from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
 from .errors import RankSearchError
+from .fingerprint import Fingerprint
 from .pareto import Objective
 from .result import Result
 from .space import Config, RankSpace
@@ -90,8 +92,14 @@ def list_studies(url: str) -> list[str]:
 class Store:
     """The evaluations of one search, persisted as an Optuna study named ``study``.
 
-    Opening a study that exists resumes it; its space must be the same (a signature of the
-    space is kept with the study) and its objectives the same.
+    Opening a study that exists resumes it. Its space and objectives must be the same, and so
+    must its ``fingerprint`` (the weights, data, loss, proxy settings and space that decide a
+    score): a mismatch is a `StoreError` that names what differs. With ``share``, a config
+    this study has not evaluated is taken from another study of the store whose fingerprint
+    is exactly the same (and copied into this one).
+
+    Trial params are the choices as text (``"tucker2:23x46"``), so optuna-dashboard shows the
+    ranks, and the objectives carry their metric names.
     """
 
     def __init__(
@@ -101,10 +109,14 @@ class Store:
         space: RankSpace,
         objectives: Sequence[Objective],
         meta: Mapping[str, Any] | None = None,
+        fingerprint: Fingerprint | None = None,
+        share: bool = False,
     ) -> None:
         self.url = url
         self.space = space
         self.objectives = tuple(objectives)
+        self.fingerprint = fingerprint
+        self.share = share
         storage = open_storage(url)
         directions = ["maximize" if o.direction == "max" else "minimize" for o in objectives]
         try:
@@ -119,23 +131,41 @@ class Store:
             self.study.set_user_attr("space", signature)
             self.study.set_user_attr("objectives", [str(o) for o in self.objectives])
             self.study.set_user_attr("meta", dict(meta or {}))
-        elif attrs["space"] != signature:
-            raise StoreError(
-                f"study {study!r} in {url} was made for another model or space; "
-                "pass another study name (--study) or output folder to start a new search"
-            )
-        elif attrs.get("objectives") != [str(o) for o in self.objectives]:
+            if fingerprint is not None:
+                self.study.set_user_attr("fingerprint", fingerprint.to_json())
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                self.study.set_metric_names([o.metric for o in self.objectives])
+        else:
+            self._check(attrs, signature)
+        self._params = {
+            name: tuple(str(c) for c in space.choices(name)) for name in space.names
+        }
+        self._results = {r.config.key: r for r in _trial_results(self.study)}
+        self._shared: dict[str, Result] | None = None
+        self._storage = storage
+
+    def _check(self, attrs: Mapping[str, Any], signature: str) -> None:
+        """Raise unless the stored study was made for this space, objectives and fingerprint."""
+        study, hint = self.study.study_name, ("pass another study name (--study) or output "
+                                              "folder to start a new search")
+        stored = attrs.get("fingerprint")
+        if self.fingerprint is not None and stored is None:
+            raise StoreError(f"study {study!r} in {self.url} was stored without a fingerprint "
+                             f"of what it measured, so it cannot be resumed safely; {hint}")
+        if self.fingerprint is not None:
+            differences = self.fingerprint.differences(Fingerprint.from_json(stored))
+            if differences:
+                raise StoreError(f"study {study!r} in {self.url} measured something else: "
+                                 f"{'; '.join(differences)}. Its results do not apply; {hint}")
+        if attrs["space"] != signature:
+            raise StoreError(f"study {study!r} in {self.url} was made for another model or "
+                             f"space; {hint}")
+        if attrs.get("objectives") != [str(o) for o in self.objectives]:
             raise StoreError(
                 f"study {study!r} was made with objectives {attrs.get('objectives')}, not "
                 f"{[str(o) for o in self.objectives]}; pass another study name"
             )
-        self._params = {
-            name: {c: i for i, c in enumerate(space.choices(name))} for name in space.names
-        }
-        self._results = {r.config.key: r for r in _trial_results(self.study)}
-        self._shared: dict[tuple[str, str], Result] | None = None
-        self._storage = storage
-        self._signature = signature
 
     @property
     def name(self) -> str:
@@ -154,23 +184,27 @@ class Store:
     def __iter__(self) -> Iterator[Result]:
         return iter(self._results.values())
 
-    def get(self, config: Config, proxy: str | None = None) -> Result | None:
-        """The stored result of ``config`` in this search; with ``proxy``, also one made with
-        the same proxy by another search of the same space in this store (it is then copied
-        into this search, so a config is never evaluated twice in one store)."""
+    def get(self, config: Config) -> Result | None:
+        """The stored result of ``config`` in this search; with ``share``, else one measured
+        with exactly this fingerprint by another search in the store (copied into this one,
+        so a config is never evaluated twice for the same measurement)."""
         found = self._results.get(config.key)
-        if found is not None or proxy is None:
+        if found is not None or not self.share or self.fingerprint is None:
             return found
         if self._shared is None:
             self._shared = {}
+            digest = self.fingerprint.digest
             for summary in optuna.get_all_study_summaries(self._storage):
                 if summary.study_name == self.name:
                     continue
                 other = optuna.load_study(study_name=summary.study_name, storage=self._storage)
-                if other.user_attrs.get("space") == self._signature:
-                    for r in _trial_results(other):
-                        self._shared.setdefault((r.config.key, r.proxy), r)
-        found = self._shared.get((config.key, proxy))
+                theirs = other.user_attrs.get("fingerprint")
+                if theirs is None or Fingerprint.from_json(theirs).digest != digest:
+                    continue
+                for r in _trial_results(other):
+                    if r.fingerprint == digest and r.status != "failed":
+                        self._shared.setdefault(r.config.key, r)
+        found = self._shared.get(config.key)
         if found is not None:
             self.save(found)
         return found
@@ -180,9 +214,11 @@ class Store:
         return list(self._results.values())
 
     def save(self, result: Result) -> None:
-        """Commit ``result`` as a finished trial (a config is stored once)."""
+        """Commit ``result`` as a finished trial. A config is stored once, except that a new
+        result replaces a failed one (a retry); the failed trial stays in the study's history."""
         key = result.config.key
-        if key in self._results:
+        held = self._results.get(key)
+        if held is not None and held.status != "failed":
             return
         values = None
         state = _STATES[result.status]
@@ -192,11 +228,11 @@ class Store:
                 state = TrialState.FAIL
                 values = None
         params, dists = {}, {}
-        for name, choice in ((n, result.config.get(n)) for n in self.space.names):
-            index = self._params[name].get(choice)
-            if index is not None:
-                params[name] = index
-                dists[name] = IntDistribution(0, len(self._params[name]) - 1)
+        for name in self.space.names:
+            text = str(result.config.get(name))
+            if text in self._params[name]:
+                params[name] = text
+                dists[name] = CategoricalDistribution(self._params[name])
         intermediate = {}
         if result.status == "pruned" and "accuracy" in result.metrics:
             intermediate[0] = float(result.metrics["accuracy"])
@@ -241,3 +277,10 @@ def read_study(url: str, study: str) -> tuple[list[Result], dict[str, Any]]:
             f"no study {study!r} in {url}; it holds {list_studies(url) or 'no studies'}"
         ) from None
     return _trial_results(loaded), dict(loaded.user_attrs.get("meta", {}))
+
+
+def read_fingerprint(url: str, study: str) -> Fingerprint | None:
+    """The fingerprint a stored search measured with (None for a study stored without)."""
+    loaded = optuna.load_study(study_name=study, storage=open_storage(url))
+    data = loaded.user_attrs.get("fingerprint")
+    return None if data is None else Fingerprint.from_json(data)

@@ -16,7 +16,7 @@ applications", ICLR 2016) read Tucker-2 ranks off the channel unfoldings this wa
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -186,6 +186,32 @@ def site_vbmf_rank(
     tucker2 as (r_in, r_out) from the in- and out-channel unfoldings, CP methods the larger
     of those two. With ``grid`` (``space.ranks(site.name, method)``) it is snapped to the grid
     (see `snap`; at least the grid minimum). TT/TR: `NotAdmittedError`."""
-    ranks = tuple(evbmf(m).rank for m in site_matrices(site, weight, method))
+    per_group = [tuple(evbmf(m).rank for m in matrices)
+                 for matrices in group_matrices(site, weight, method)]
+    ranks = tuple(max(r) for r in zip(*per_group, strict=True))  # every group must fit
     rank: Rank = ranks if method in PER_MATRIX else max(ranks)
     return rank if grid is None else snap(grid, rank)
+
+
+def group_matrices(site: Site, weight: torch.Tensor, method: str
+                   ) -> list[tuple[torch.Tensor, ...]]:
+    """`site_matrices` of each group of a grouped convolution (one entry when groups is 1):
+    a grouped site is factorized group by group, at one rank for every group."""
+    g = site.groups
+    if g == 1:
+        return [site_matrices(site, weight, method)]
+    if method not in ("svd", "tucker2"):
+        raise NotAdmittedError(f"{method!r} does not decompose grouped convolutions")
+    one = replace(site, in_features=site.in_features // g, out_features=site.out_features // g,
+                  groups=1)
+    return [site_matrices(one, w, method) for w in weight.detach().chunk(g, dim=0)]
+
+
+def site_spectra(site: Site, weight: torch.Tensor, method: str) -> tuple[torch.Tensor, ...]:
+    """The singular values (descending, float64) of each matrix of `site_matrices`. For a
+    grouped convolution, the root mean square over groups of each group's i-th singular
+    value: truncating every group at rank r drops ``groups · Σ_{i>r} s_i²`` of energy, as a
+    single matrix with spectrum ``s`` would."""
+    spectra = [tuple(torch.linalg.svdvals(m) for m in matrices)
+               for matrices in group_matrices(site, weight, method)]
+    return tuple(torch.stack(per).pow(2).mean(0).sqrt() for per in zip(*spectra, strict=True))

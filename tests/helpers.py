@@ -1,5 +1,12 @@
-"""Helpers shared by the strategy tests."""
+"""Helpers shared by the tests."""
 
+import math
+
+import torch
+from torch import nn
+
+from ranksearch.factorize import get
+from ranksearch.space import Site
 from ranksearch.strategy import StopSearch
 
 
@@ -11,3 +18,22 @@ def proposals(strategy):
             out += strategy.ask()
         except StopSearch:
             return out
+
+
+def rank_sweep(top, steps: int = 4) -> list:
+    """Ranks from small to ``top`` (tuples scale every component)."""
+    fractions = [(i + 1) / steps for i in range(steps)]
+    if isinstance(top, int):
+        return sorted({max(1, math.ceil(f * top)) for f in fractions})
+    return sorted({tuple(max(1, math.ceil(f * t)) for t in top) for f in fractions})
+
+
+def built(method: str, site: Site, layer: nn.Module, rank, factor_rank=None) -> nn.Module:
+    """``method`` at ``rank`` on ``layer``, from factors decomposed at ``factor_rank``."""
+    fac = get(method)
+    factors = fac.decompose(layer.weight.detach(), site, factor_rank or rank)
+    return fac.build(site, rank, factors, None if layer.bias is None else layer.bias.detach())
+
+
+def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((y - ref).norm() / ref.norm()).item()

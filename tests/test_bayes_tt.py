@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from ranksearch_strategies.bayes_tt import BayesTT, MapSettings, Prior, grid_rank, infer_ranks
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -15,7 +16,6 @@ from ranksearch.factorize.tt import TTLinear
 from ranksearch.space import RankSpace
 from ranksearch.strategy import load_strategy
 from ranksearch.task import Task
-from strategies.bayes_tt import BayesTT, MapSettings, Prior, grid_rank, infer_ranks
 
 PLANTED = (2, 3)
 
@@ -79,12 +79,20 @@ def test_log_uniform_prior_recovers_too(planted):
     assert all(abs(r - p) <= 1 for r, p in zip(ranks, PLANTED, strict=True)), ranks
 
 
+def space_model(space):
+    return nn.Sequential(nn.Linear(64, 64))
+
+
 def test_grid_rank_rounds_up_along_the_grid(planted):
     _, _, space = planted
     grid = space.ranks("0", "tt")
     assert grid_rank(space, "0", (2, 3)) == (3, 3)
     assert grid_rank(space, "0", (1, 1)) == grid[0]
-    assert grid_rank(space, "0", (16, 5)) == grid[-1] == (16, 16)
+    # the grid stops below TT ranks that cost as much as the dense 64 x 64 layer
+    assert grid_rank(space, "0", (16, 5)) == grid[-1] == (15, 15)
+    dearer = RankSpace.discover(space_model(space), torch.zeros(1, 64), methods=["tt"],
+                                dearer=True)
+    assert grid_rank(dearer, "0", (16, 5)) == dearer.ranks("0", "tt")[-1] == (16, 16)
 
 
 def test_needs_tt_in_the_space(digits_model, digits, tmp_path):

@@ -140,8 +140,9 @@ def test_alexnet_reference_counts() -> None:
     conv1 = cost.table(Config())[0]
     assert conv1["name"] == "0"
     assert (conv1["params"], conv1["macs"]) == (34_848, 105_415_200)
-    # grouped convs are priced but not decomposable
-    assert {"3", "8", "10"}.isdisjoint(space.names)
+    # the grouped convs (conv2/4/5, groups=2) are decomposed per group and priced exactly
+    assert {"3", "8", "10"} <= set(space.names)
+    assert {space.site(n).groups for n in ("3", "8", "10")} == {2}
     assert {"3", "8", "10"} <= set(cost.stages(Config()))
 
 

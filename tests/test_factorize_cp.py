@@ -329,6 +329,7 @@ def test_registered_as_per_rank_conv_factorizations():
         assert REGISTRY[name].name == name
         assert REGISTRY[name].kinds == ("conv2d",)
         assert REGISTRY[name].sliceable is False
+        assert REGISTRY[name].exact_at_max is False  # max_rank is only the largest offered
 
 
 def test_max_rank():
@@ -372,6 +373,21 @@ def test_linear_and_grouped_layers_are_not_admitted(method, module):
         fac.build(site, 2)
     with pytest.raises(NotAdmittedError):
         fac.decompose(module.weight.detach(), site, 2)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_not_admitted_names_the_methods_that_admit_the_layer(method):
+    # a site built by Site.from_module lists no methods: the message asks the registry
+    site = Site.from_module("head", nn.Linear(6, 5))
+    assert site.methods == ()
+    with pytest.raises(NotAdmittedError) as info:
+        get(method).stages(site, 2)
+    message = str(info.value)
+    assert "'head'" in message and "linear" in message
+    admitting = [m for m, f in REGISTRY.items() if f.admits(site) is None]
+    assert {"svd", "tt", "tr"} <= set(admitting) and method not in admitting
+    assert f"The methods that admit it are {', '.join(admitting)}." in message
+    assert "none" not in message
 
 
 def test_a_bias_for_a_layer_without_one_is_refused():

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Callable
 
 import pytest
 import torch
+from helpers import built, rank_sweep, rel_error
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -75,24 +75,6 @@ def setup(case: str, batch: int = 3):
     layer = make()
     x = torch.randn(batch, *shape)
     return layer, x, traced_site(case, layer, x)
-
-
-def rank_sweep(top, steps: int = 4) -> list:
-    """Ranks from small to ``top`` (tuples scale every component)."""
-    fractions = [(i + 1) / steps for i in range(steps)]
-    if isinstance(top, int):
-        return sorted({max(1, math.ceil(f * top)) for f in fractions})
-    return sorted({tuple(max(1, math.ceil(f * t)) for t in top) for f in fractions})
-
-
-def built(method: str, site: Site, layer: nn.Module, rank, factor_rank=None) -> nn.Module:
-    fac = get(method)
-    factors = fac.decompose(layer.weight.detach(), site, factor_rank or rank)
-    return fac.build(site, rank, factors, None if layer.bias is None else layer.bias.detach())
-
-
-def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((y - ref).norm() / ref.norm()).item()
 
 
 @pytest.mark.parametrize(("method", "case"), CASES)
@@ -229,9 +211,9 @@ def test_max_ranks():
     [
         ("svd_spatial", nn.Conv2d(4, 4, 1)),
         ("tucker2", nn.Linear(4, 4)),
-        ("svd", nn.Conv2d(4, 6, 3, groups=2)),
+        ("svd", nn.Conv2d(4, 4, 3, groups=4)),  # depthwise: nothing smaller exists
         ("svd_spatial", nn.Conv2d(4, 6, 3, groups=2)),
-        ("tucker2", nn.Conv2d(4, 6, 3, groups=2)),
+        ("tucker2", nn.Conv2d(4, 4, 3, groups=4)),
     ],
 )
 def test_not_admitted(method, module):

@@ -1,4 +1,4 @@
-"""Tensor-train (tt) and tensor-ring (tr) factorizations: exactness, costs, slicing, errors."""
+"""Tensor-train (tt) and tensor-ring (tr): exactness, costs, per-rank fits, errors."""
 
 from __future__ import annotations
 
@@ -143,7 +143,8 @@ def test_registry():
     assert isinstance(get("tr"), TR) and get("tr").modes == 3
     assert "tt" in available("conv2d") and "tr" not in available("conv2d")
     assert {"tt", "tr"} <= set(available("linear"))
-    assert get("tt").sliceable and not get("tr").sliceable
+    assert not get("tt").sliceable and not get("tr").sliceable
+    assert get("tt").exact_at_max and get("tr").exact_at_max
 
 
 # -- exactness at the maximum rank ---------------------------------------------------------------
@@ -206,10 +207,8 @@ def test_float64_is_kept():
 def test_tt_linear_error_decreases_with_rank(i, o, modes):
     layer, site, _ = linear_case(i, o)
     tt = TT(modes)
-    top = tt.max_rank(site)
-    full = tt.decompose(layer.weight, site, top)
-    errs = [rel_err(built_weight(tt.build(site, r, full), site), layer.weight.double())
-            for r in sweep(top)]
+    errs = [rel_err(built_weight(tt.build(site, r, tt.decompose(layer.weight, site, r)), site),
+                    layer.weight.double()) for r in sweep(tt.max_rank(site))]
     assert errs[0] > 0.5 and errs[-1] < 1e-6
     assert all(b <= a + 1e-9 for a, b in pairwise(errs))
 
@@ -218,10 +217,9 @@ def test_tt_conv_error_decreases_with_rank():
     conv = nn.Conv2d(6, 8, (3, 5))
     site, _ = conv_case(conv)
     tt = get("tt")
-    top = tt.max_rank(site)
-    full = tt.decompose(conv.weight, site, top)
-    errs = [rel_err(built_weight(tt.build(site, r, full, conv.bias), site), conv.weight.double())
-            for r in sweep(top)]
+    errs = [rel_err(built_weight(tt.build(site, r, tt.decompose(conv.weight, site, r), conv.bias),
+                                 site), conv.weight.double())
+            for r in sweep(tt.max_rank(site))]
     assert errs[0] > 0.5 and errs[-1] < 1e-6
     assert all(b <= a + 1e-9 for a, b in pairwise(errs))
 
@@ -282,49 +280,69 @@ def test_conv_stage_resolutions():
     assert last.macs == 5 * 6 * 6 * 13 and last.params == 5 * 6 + 6
 
 
-# -- slicing (tt) ----------------------------------------------------------------------------------
-def test_tt_linear_slices_are_the_sliced_cores():
+# -- per-rank fits (tt) ---------------------------------------------------------------------------
+def test_tt_linear_module_applies_its_cores():
     layer, site, x = linear_case(24, 30, (3,))
     tt = get("tt")
     ins, outs = factor_dims(24, 3), factor_dims(30, 3)
-    full = tt.decompose(layer.weight, site, tt.max_rank(site))
-    for r1, r2 in [(1, 1), (3, 2), (7, 4), (20, 1)]:
-        cores = [full["core0"][:, :, :, :r1], full["core1"][:r1, :, :, :r2], full["core2"][:r2]]
+    for rank in [(1, 1), (3, 2), (7, 4), (20, 1)]:
+        factors = tt.decompose(layer.weight, site, rank)
+        cores = [factors[f"core{k}"] for k in range(3)]
         expected = F.linear(x, tt_linear_weight(cores, ins, outs), layer.bias)
-        assert rel_err(tt.build(site, (r1, r2), full, layer.bias)(x), expected) < 1e-5
+        assert rel_err(tt.build(site, rank, factors, layer.bias)(x), expected) < 1e-5
 
 
-def test_tt_conv_slices_are_the_sliced_cores():
+def test_tt_conv_module_applies_its_cores():
     conv = nn.Conv2d(4, 6, (3, 5), stride=(2, 1), padding=(1, 2), padding_mode="reflect")
     site, x = conv_case(conv)
     tt = get("tt")
-    full = tt.decompose(conv.weight, site, tt.max_rank(site))
-    for r1, r2, r3 in [(1, 1, 1), (2, 5, 3), (4, 3, 6)]:
-        a = full["core0"][0, :, :r1]
-        b, c, d = full["core1"][:r1, :, :r2], full["core2"][:r2, :, :r3], full["core3"][:r3, :, 0]
-        weight = torch.einsum("sa,ahb,bwc,ct->tshw", a, b, c, d)
-        module = tt.build(site, (r1, r2, r3), full, conv.bias)
+    for rank in [(1, 1, 1), (2, 5, 3), (4, 3, 6)]:
+        f = tt.decompose(conv.weight, site, rank)
+        weight = torch.einsum("sa,ahb,bwc,ct->tshw", f["core0"][0], f["core1"], f["core2"],
+                              f["core3"][:, :, 0])
+        module = tt.build(site, rank, f, conv.bias)
         assert rel_err(module(x), dense_conv(conv, weight, x)) < 1e-5
 
 
-def test_tt_two_modes_slice_is_eckart_young():
+def test_tt_at_a_rank_is_tt_svd_not_a_slice_of_the_largest():
+    # TT-SVD at a small rank re-factors what the first truncation leaves; slicing the cores
+    # of the maximal rank does not, and fits worse (why tt is decomposed per rank)
+    torch.manual_seed(0)
+    layer, site, _ = linear_case(10, 64, bias=False)
+    w, tt = layer.weight.double(), get("tt")
+    full = tt.decompose(layer.weight, site, tt.max_rank(site))
+    for rank in [(1, 1), (2, 2)]:
+        f = tt.decompose(layer.weight, site, rank)
+        assert tuple(f["core0"].shape[-1:]) + tuple(f["core1"].shape[-1:]) == rank
+        fresh = rel_err(built_weight(tt.build(site, rank, f), site), w)
+        cut = {"core0": full["core0"][..., : rank[0]],
+               "core1": full["core1"][: rank[0], ..., : rank[1]],
+               "core2": full["core2"][: rank[1]]}
+        sliced = rel_err(built_weight(tt.build(site, rank, cut), site), w)
+        assert fresh < sliced - 1e-3
+
+
+def test_tt_two_modes_is_eckart_young():
     layer, site, _ = linear_case(48, 20)
     tt = TT(2)
-    full = tt.decompose(layer.weight, site, tt.max_rank(site))
     w = layer.weight.double()
     sv = torch.linalg.svdvals(matrix_tensor(w, factor_dims(48, 2), factor_dims(20, 2)))
     for r in (1, 5, 17):
-        err = (built_weight(tt.build(site, (r,), full), site) - w).norm()
+        module = tt.build(site, (r,), tt.decompose(layer.weight, site, (r,)))
+        err = (built_weight(module, site) - w).norm()
         assert err.item() == pytest.approx(sv[r:].norm().item(), rel=1e-5)
 
 
-def test_tt_slicing_needs_enough_rank():
+@pytest.mark.parametrize("method", ["tt", "tr"])
+def test_factors_of_another_rank_are_refused(method):
     layer, site, _ = linear_case(24, 30)
-    tt = get("tt")
-    small = tt.decompose(layer.weight, site, (3, 2))
-    tt.build(site, (3, 2), small)
-    with pytest.raises(InvalidRankError, match="decompose at a rank"):
-        tt.build(site, (4, 2), small)
+    fac = get(method)
+    factors = fac.decompose(layer.weight, site, (2, 2) if method == "tt" else (2, 2, 4))
+    for other in ([(1, 2), (4, 2)] if method == "tt" else [(1, 2, 4), (2, 2, 5)]):
+        with pytest.raises(InvalidRankError, match=r"not sliceable.*decompose at this rank"):
+            fac.build(site, other, factors)
+    with pytest.raises(InvalidRankError, match="not sliceable"):
+        fac.slice(factors, site, other)
 
 
 def test_zero_padded_bonds_add_nothing():
@@ -400,12 +418,16 @@ def test_not_admitted():
     assert tt.admits(grouped) is not None and get("tr").admits(site) is not None
 
 
-def test_tr_rejects_factors_of_another_rank():
-    layer, site, _ = linear_case(24, 30)
-    tr = get("tr")
-    factors = tr.decompose(layer.weight, site, (2, 2, 4))
-    with pytest.raises(InvalidRankError, match="not sliceable"):
-        tr.build(site, (1, 2, 4), factors)
+def test_not_admitted_names_the_methods_that_admit_the_conv():
+    site = Site.from_module("conv", nn.Conv2d(4, 6, 3))  # not discovered: no methods listed
+    with pytest.raises(NotAdmittedError) as info:
+        get("tr").check(site)
+    message = str(info.value)
+    assert "tr applies to linear layers, not conv2d" in message
+    listed = message.split("The methods that admit it are ")[1].rstrip(".").split(", ")
+    conv_methods = {"svd", "svd_spatial", "tucker2", "tt", "cp3", "cp4", "cp3_tpm", "cp4_tpm"}
+    assert conv_methods <= set(listed) and "tr" not in listed
+    assert listed == [m for m in available() if get(m).admits(site) is None]
 
 
 def test_bad_weight_and_bias():

@@ -3,6 +3,7 @@ import pytest
 import torch
 from optuna.distributions import CategoricalDistribution, IntDistribution
 from optuna.trial import TrialState
+from ranksearch_strategies.optuna import OptunaSampler
 from torch import nn
 
 import ranksearch
@@ -15,7 +16,6 @@ from ranksearch.pareto import parse_objectives
 from ranksearch.result import Result
 from ranksearch.space import RankSpace
 from ranksearch.strategy import SearchContext
-from strategies.optuna import OptunaSampler
 
 ZERO_SHOT = ProxySettings(steps=0)
 BUDGET = ["flops<=0.4"]

@@ -227,7 +227,7 @@ def test_other_searches_in_the_store_are_reused(digits_model, digits, tmp_path):
     assert first.evaluated == 4
     # another search (another study) in the same store asks two of the same configs
     second = run(digits_model, digits, tmp_path, strategy="uniform", evaluations=3,
-                 strategy_options={"points": [0.6, 0.3, 0.45]})
+                 strategy_options={"points": [0.6, 0.3, 0.45]}, share_results=True)
     assert second.study != first.study
     assert second.evaluated == 1 and len(second.results) == 3
     reused = {r.config.key: r for r in first.results}
@@ -235,8 +235,13 @@ def test_other_searches_in_the_store_are_reused(digits_model, digits, tmp_path):
                for r in second.results) == 2
     # a different proxy is a different measurement: nothing is reused
     third = run(digits_model, digits, tmp_path, strategy="uniform", evaluations=2,
-                strategy_options={"points": [0.6, 0.3]}, proxy=ProxySettings(steps=0))
+                strategy_options={"points": [0.6, 0.3]}, proxy=ProxySettings(steps=0),
+                share_results=True)
     assert third.evaluated == 2
+    # without share_results, another study never copies results in
+    alone = run(digits_model, digits, tmp_path, strategy="uniform", evaluations=2,
+                strategy_options={"points": [0.6, 0.3, 0.1]})
+    assert alone.evaluated == 2
 
 
 def test_latency_constraint_measures_candidates(digits_model, digits, tmp_path):

@@ -78,8 +78,8 @@ def test_discover_filters_and_methods():
 def test_discover_errors():
     with pytest.raises(InputShapeError, match="does not fit"):
         RankSpace.discover(Net(), torch.zeros(1, 5, 17, 12))
-    with pytest.raises(NoDecomposableLayersError, match="groups"):
-        RankSpace.discover(nn.Conv2d(4, 4, 3, groups=2), torch.zeros(1, 4, 8, 8))
+    with pytest.raises(NoDecomposableLayersError, match="depthwise"):
+        RankSpace.discover(nn.Conv2d(4, 4, 3, groups=4), torch.zeros(1, 4, 8, 8))
     with pytest.raises(NoDecomposableLayersError):
         RankSpace.discover(nn.ReLU(), torch.zeros(1, 4))
     with pytest.raises(UnknownMethodError, match="unknown factorization 'nope'"):
@@ -129,15 +129,26 @@ def test_rank_grid_multiple_of_and_bounds():
     model = nn.Sequential(nn.Linear(20, 30), nn.ReLU(), nn.Linear(30, 4))
     x = torch.zeros(1, 20)
     space = RankSpace.discover(model, x, multiple_of=8)
-    assert space.ranks("0", "svd") == (8, 16, 20)
-    assert space.ranks("2", "svd") == (4,)
-    space = RankSpace.discover(model, x, min_rank=5, max_choices=4)
+    assert space.ranks("0", "svd") == (8,)  # svd:16 and svd:20 cost more than the dense layer
+    # rank 4 is the only multiple-of-8 rank of a 30 -> 4 layer, and it saves nothing
+    assert space.names == ("0",) and "costs as much as the dense layer" in space.site("2").reason
+    dearer = RankSpace.discover(model, x, multiple_of=8, dearer=True)
+    assert dearer.ranks("0", "svd") == (8, 16, 20) and dearer.ranks("2", "svd") == (4,)
+    space = RankSpace.discover(model, x, min_rank=5, max_choices=4, dearer=True)
     grid = space.ranks("0", "svd")
     assert len(grid) == 4 and grid[0] == 5 and grid[-1] == 20
-    tucker = RankSpace.discover(nn.Conv2d(8, 16, 3), torch.zeros(1, 8, 6, 6))
+    conv, x = nn.Conv2d(8, 16, 3), torch.zeros(1, 8, 6, 6)
+    tucker = RankSpace.discover(conv, x, dearer=True)
     grid = tucker.ranks("", "tucker2")
     assert grid[-1] == (8, 16) and all(a <= b for a, b in itertools.pairwise(grid))
     assert tucker.choices("")[-1] == DENSE
+    # by default the grid stops where a rank saves neither parameters nor MACs
+    site, fac = tucker.site(""), factorize.get("tucker2")
+    dense = factorize.dense_stage(site)
+    cheap = RankSpace.discover(conv, x).ranks("", "tucker2")
+    assert cheap == tuple(r for r in grid if fac.params(site, r) < dense.params
+                          or fac.macs(site, r) < dense.macs)
+    assert len(cheap) < len(grid)
 
 
 def test_validate_full_and_uniform(space):

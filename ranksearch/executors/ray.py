@@ -238,7 +238,8 @@ class RayExecutor:
         if self._shipped is not None and self._shipped[0] is evaluate:
             return self._shipped[1]
         if isinstance(evaluate, Evaluator):
-            parts: Any = (evaluate.model, evaluate.task, evaluate.settings, evaluate.space)
+            parts: Any = (evaluate.model, evaluate.task, evaluate.settings, evaluate.space, None,
+                          evaluate.fingerprint)
             _ship_by_value(_defining_modules(evaluate))
         else:
             parts = evaluate
@@ -434,14 +435,14 @@ class StrategySearcher(Searcher):
 
     def _exhausted(self) -> str | None:
         reason = self.loop.exhausted()
-        if reason is None and len(self.loop.store) + len(self._in_flight) >= self.loop.evaluations:
+        if reason is None and self.loop.stored + len(self._in_flight) >= self.loop.evaluations:
             return "finished"
         return reason
 
     def _add(self, configs: Sequence[Config]) -> int:
         """Queue the new configs of an ask (within the budget); the number queued."""
         known, todo = self.loop.triage(configs)
-        room = self.loop.evaluations - len(self.loop.store) - len(self._in_flight)
+        room = self.loop.evaluations - self.loop.stored - len(self._in_flight)
         ask = _Ask(list(configs), known)
         queued = 0
         for config in todo:
@@ -500,10 +501,10 @@ class StrategySearcher(Searcher):
             return _failed(evaluator, config, "the trial ended without reporting")
         metrics = {**evaluator.costs.metrics(config), METRIC: float(last[METRIC])}
         step = int(last.get(STEP, 0))
-        return Result(config, metrics, "pruned",
-                      f"stopped early by ASHA at step {step} of {evaluator.settings.steps}",
-                      wall_time=float(last.get("time_total_s", 0.0)),
-                      proxy=evaluator.settings.describe())
+        return evaluator.result(
+            config, metrics, "pruned",
+            f"stopped early by ASHA at step {step} of {evaluator.settings.steps}",
+            wall_time=float(last.get("time_total_s", 0.0)))
 
     def _done(self, config: Config, result: Result, node: str | None, seconds: float,
               attempts: int = 1) -> None:
@@ -641,8 +642,7 @@ def _environment_error(error: BaseException | str) -> RankSearchError | None:
 def _failed(evaluate: Callable[[Config], Result], config: Config, reason: str) -> Result:
     """A failed result of ``config`` with its costs (when an evaluator prices them)."""
     if isinstance(evaluate, Evaluator):
-        return Result(config, evaluate.costs.metrics(config), "failed", reason,
-                      proxy=evaluate.settings.describe())
+        return evaluate.result(config, evaluate.costs.metrics(config), "failed", reason)
     return Result(config, {}, "failed", reason)
 
 

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from ..space import Rank, Site
 
 Factors = dict[str, torch.Tensor]
+GROUPED_METHODS = ("svd", "tucker2")  # the factorizations that admit grouped convs
 
 
 @dataclass(frozen=True)
@@ -46,13 +47,24 @@ class Factorization(ABC):
     Subclasses register by name in `ranksearch.factorize.REGISTRY`. All cost methods are closed
     forms over the `Site` and the rank: nothing is built to price a candidate.
 
-    ``sliceable`` factorizations decompose once at the largest needed rank; every smaller rank
-    is a slice of those factors (SVD, HOSVD, TT-SVD). The others (CP, TR) decompose per rank.
+    ``sliceable`` factorizations (SVD, HOSVD) define their factors at every rank as a slice of
+    those at `max_rank`: ``decompose(w, site, r)`` is exactly (bit for bit)
+    ``slice(decompose(w, site, max_rank(site)), site, r)``, so `ranksearch.FactorCache`
+    decomposes once and slices. ``rank_dims`` names the dims `slice` cuts. The others (CP,
+    TT, TR) decompose per rank: their fit at a rank is not a slice of a larger one.
+
+    ``exact_at_max`` is True when the module built at `max_rank` reproduces the layer up to
+    rounding (SVD, spatial SVD, Tucker-2, TT, TR); False when `max_rank` is only the largest
+    rank offered (CP: a capped bound on the CP rank, fitted approximately).
     """
 
     name: ClassVar[str]
     kinds: ClassVar[tuple[str, ...]]
     sliceable: ClassVar[bool] = True
+    exact_at_max: ClassVar[bool] = True
+    # (factor, dim, i) for each dim `slice` cuts to rank component i; negative dims count
+    # from the end (factors may carry leading dims, e.g. one per group)
+    rank_dims: ClassVar[tuple[tuple[str, int, int], ...]] = ()
     description: ClassVar[str] = ""
 
     # -- what a site admits -------------------------------------------------------------------
@@ -61,20 +73,34 @@ class Factorization(ABC):
         if site.kind not in self.kinds:
             return f"{self.name} applies to {'/'.join(self.kinds)} layers, not {site.kind}"
         if site.groups != 1:
-            return f"grouped convolution (groups={site.groups}) is not decomposable"
+            return self.admits_groups(site)
         return None
 
+    def admits_groups(self, site: Site) -> str | None:
+        """`admits` for a convolution with groups > 1; overridden by the methods that
+        decompose each group separately."""
+        return (
+            f"{self.name} does not decompose grouped convolutions (groups={site.groups}); "
+            f"{' and '.join(GROUPED_METHODS)} do, group by group"
+        )
+
     def check(self, site: Site) -> None:
+        """Raise `NotAdmittedError` (naming the methods that do admit it) unless ``site``
+        admits this factorization."""
         reason = self.admits(site)
         if reason is not None:
             raise NotAdmittedError(
                 f"layer {site.name!r} does not admit {self.name!r}: {reason}. "
-                f"Its admitted methods are {list(site.methods) or 'none'}."
+                f"{admitting(site)}"
             )
 
     @abstractmethod
     def max_rank(self, site: Site) -> Rank:
-        """The largest meaningful rank: at it the factorization reproduces the layer exactly."""
+        """The largest rank offered for ``site``.
+
+        When ``exact_at_max`` is True the module built at it reproduces the layer exactly (up
+        to rounding); otherwise it is only an upper bound of the ranks worth trying.
+        """
 
     def normalize_rank(self, site: Site, rank: Rank) -> Rank:
         """Validate ``rank`` against the site and return it in canonical form.
@@ -128,8 +154,29 @@ class Factorization(ABC):
     def decompose(self, weight: torch.Tensor, site: Site, rank: Rank, **options: Any) -> Factors:
         """Factor ``weight`` (the layer's weight) at ``rank``.
 
-        For sliceable methods the factors at a rank hold every smaller rank.
+        For sliceable methods this is the `slice` at ``rank`` of the factors at `max_rank`
+        (computed at `max_rank`, then cut), so the factors at a rank hold every smaller rank.
         """
+
+    def slice(self, factors: Factors, site: Site, rank: Rank) -> Factors:
+        """The factors at ``rank`` cut from the factors of a sliceable method at a larger rank.
+
+        For each ``(f, d, i)`` of ``rank_dims``, dim ``d`` of factor ``f`` keeps its first
+        ``rank[i]`` entries; the other dims and factors are kept whole. The result is a copy.
+        Raises `InvalidRankError` for a method that is not sliceable, or factors that hold
+        less than ``rank``.
+        """
+        rank = self.normalize_rank(site, rank)
+        if not self.sliceable:
+            raise InvalidRankError(
+                f"{self.name} is not sliceable: its factors at one rank do not hold another; "
+                f"decompose at rank {rank!r} itself"
+            )
+        ranks = (rank,) if isinstance(rank, int) else rank
+        out = dict(factors)
+        for key, dim, component in self.rank_dims:
+            out[key] = cut(out[key], dim, ranks[component], key)
+        return {key: f.clone(memory_format=torch.contiguous_format) for key, f in out.items()}
 
     @abstractmethod
     def build(
@@ -146,6 +193,26 @@ class Factorization(ABC):
         to rebuild the architecture before loading a state dict). ``bias`` is the dense layer's
         bias, placed on the last stage.
         """
+
+
+def cut(factor: torch.Tensor, dim: int, length: int, name: str) -> torch.Tensor:
+    """The first ``length`` entries of ``factor`` along ``dim`` (a view)."""
+    if factor.shape[dim] < length:
+        raise InvalidRankError(
+            f"factor {name!r} of shape {tuple(factor.shape)} holds {factor.shape[dim]} along "
+            f"dim {dim}, fewer than the requested {length}; decompose at a rank at least as large"
+        )
+    return factor.narrow(dim, 0, length)
+
+
+def admitting(site: Site) -> str:
+    """A sentence naming the registered factorizations that admit ``site``."""
+    from . import REGISTRY  # the registry imports this module
+
+    names = [name for name, fac in REGISTRY.items() if fac.admits(site) is None]
+    if not names:
+        return "No registered factorization admits it."
+    return f"The methods that admit it are {', '.join(names)}."
 
 
 def is_int(x: object) -> bool:

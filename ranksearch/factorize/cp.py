@@ -19,6 +19,14 @@ column norm in every mode, so no factor grows while another shrinks.
 
 ALS fits are not nested across ranks, so these factorizations are not sliceable: each rank is
 decomposed on its own (TPM components are nested, and a rank costs only its own components).
+
+None is exact at its maximal rank (``exact_at_max`` is False): `max_rank` caps the generic
+bound on the CP rank, which need not reach the kernel's CP rank, and neither fit is
+guaranteed to find an exact CP at that rank (ALS is a local method stopped after ``n_iter``
+sweeps; the greedy power method deflates one rank-one term at a time, which is exact only for
+orthogonally decomposable kernels). On eight random 3×3 and 3×5 kernels with 3 to 10
+channels, the output error relative to the dense layer at the maximal rank was 4e-7 to 0.015
+for cp3, 2e-6 to 0.21 for cp4, 0.07 to 0.27 for cp3_tpm and 0.10 to 0.40 for cp4_tpm.
 """
 
 from __future__ import annotations
@@ -51,6 +59,7 @@ class _CP(Factorization):
 
     kinds: ClassVar[tuple[str, ...]] = ("conv2d",)
     sliceable: ClassVar[bool] = False
+    exact_at_max: ClassVar[bool] = False  # see the module docstring
     modes: ClassVar[tuple[str, ...]]  # factor names, in the order of the tensor's modes
     alternative: ClassVar[str]  # the same layers fitted by the other algorithm
 
@@ -60,12 +69,12 @@ class _CP(Factorization):
         """The mode sizes of the kernel as the tensor this method factors."""
 
     def max_rank(self, site: Site) -> int:
-        """The generic CP rank bound (product of the mode sizes over the largest), at most
-        ``4·max(S, T)``.
+        """The largest rank offered: the generic CP rank bound (product of the mode sizes
+        over the largest), at most ``4·max(S, T)``.
 
         The cap sits just below the rank at which a 3×3 layer with S = T costs as much as the
-        dense one (about 4.5·S), and keeps ALS away from thousands of components. Below the
-        generic bound, a fitted CP reproduces the layer only approximately.
+        dense one (about 4.5·S), and keeps ALS away from thousands of components. A fitted CP
+        at this rank reproduces the layer only approximately (``exact_at_max`` is False).
         """
         shape = self.tensor_shape(site)
         return min(prod(shape) // max(shape), 4 * max(site.in_features, site.out_features))

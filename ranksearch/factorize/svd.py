@@ -7,13 +7,13 @@ Truncating one SVD at rank r gives the best rank-r approximation of the matrix
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from ..errors import InvalidRankError
+from ..errors import DecompositionError, InvalidRankError
 from . import register
 from .base import (
     Factorization,
@@ -62,6 +62,61 @@ def split_svd(matrix: torch.Tensor, rank: int) -> Factors:
     }
 
 
+def split_svd_groups(matrices: torch.Tensor, rank: int) -> Factors:
+    """`split_svd` of each matrix of the stack ``matrices`` (groups × rows × columns).
+
+    One group gives the 2-D factors of `split_svd`; more give them stacked on a leading group
+    dimension: ``left`` groups × rows × rank, ``right`` groups × rank × columns.
+    """
+    if matrices.shape[0] == 1:
+        return split_svd(matrices[0], rank)
+    parts = [split_svd(m, rank) for m in matrices]
+    return {key: torch.stack([p[key] for p in parts]) for key in ("left", "right")}
+
+
+def group_shape(site: Site) -> tuple[int, int, int]:
+    """(groups, input channels per group, output channels per group) of a layer."""
+    g = site.groups
+    return g, site.in_features // g, site.out_features // g
+
+
+def grouped_reason(site: Site, method: str, smallest: int) -> str | None:
+    """Why the grouped convolution ``site`` admits no ``method``, or None when it does.
+
+    ``smallest`` is the weights per group of ``method`` at its smallest rank: a grouped
+    factorization is meaningful only when that is fewer than one group's dense kernel.
+    """
+    g, s_g, t_g = group_shape(site)
+    kh, kw = site.kernel_size
+    dense = t_g * s_g * kh * kw
+    if smallest < dense:
+        return None
+    if s_g == 1 and t_g == 1:
+        return (
+            f"depthwise convolution (groups={g}): each group's kernel has one input and one "
+            "output channel, so no factorization is smaller"
+        )
+    return (
+        f"grouped convolution (groups={g}): per group, {method} at its smallest rank has "
+        f"{smallest} weights, no fewer than the {dense} of the {t_g}×{s_g}×{kh}×{kw} kernel, "
+        "so it saves nothing"
+    )
+
+
+def check_groups(factors: Factors, site: Site, dims: Mapping[str, int]) -> None:
+    """Raise unless ``factors`` are laid out for the site's groups: for one group each factor
+    as it is (``dims[key]`` dimensions), for several stacked on a leading group dimension."""
+    for key, factor in factors.items():
+        extra = factor.dim() - dims[key]
+        held = 1 if extra == 0 else factor.shape[0] if extra == 1 else None
+        if held != site.groups:
+            raise DecompositionError(
+                f"factor {key!r} of shape {tuple(factor.shape)} does not fit layer "
+                f"{site.name!r} with groups={site.groups} (grouped factors have a leading "
+                "group dimension); decompose the layer's weight with its own site"
+            )
+
+
 def take(factor: torch.Tensor, dim: int, rank: int) -> torch.Tensor:
     """The first ``rank`` slices of ``factor`` along ``dim`` (factors may be of higher rank)."""
     if factor.shape[dim] < rank:
@@ -102,33 +157,46 @@ class SVD(Factorization):
     Linear O×I: ``Linear(I, R)`` then ``Linear(R, O)``. Conv T×S×kh×kw, seen as the matrix
     T × (S·kh·kw): ``Conv2d(S, R, kh×kw)`` with the layer's stride, padding and dilation, then
     ``Conv2d(R, T, 1)``. The bias goes on the last layer.
+
+    A grouped conv (groups g) is decomposed per group: each group's (T/g) × (S/g·kh·kw) matrix
+    at rank R (the rank is per group), built as ``Conv2d(S, g·R, kh×kw, groups=g)`` then
+    ``Conv2d(g·R, T, 1, groups=g)``. Its factors carry a leading group dimension.
     """
 
     name = "svd"
     kinds = ("conv2d", "linear")
+    rank_dims = (("left", -1, 0), ("right", -2, 0))  # (g ×) T × r and (g ×) r × n
     description = "truncated SVD over channels: k×k conv S→R, 1×1 conv R→T (or two Linears)"
 
+    def admits_groups(self, site: Site) -> str | None:
+        _, _, t_g = group_shape(site)
+        return grouped_reason(site, self.name, self._fan_in(site) + t_g)
+
     def max_rank(self, site: Site) -> int:
-        return min(site.out_features, self._fan_in(site))
+        _, _, t_g = group_shape(site)
+        return min(t_g, self._fan_in(site))
 
     def _fan_in(self, site: Site) -> int:
-        """Columns of the matrix: S·kh·kw for a convolution, I for a linear layer."""
+        """Columns of one group's matrix: S/g·kh·kw for a convolution, I for a linear layer."""
         kh, kw = site.kernel_size if site.kind == "conv2d" else (1, 1)
-        return site.in_features * kh * kw
+        return site.in_features // site.groups * kh * kw
 
     def stages(self, site: Site, rank: int) -> list[Stage]:
         r = self.normalize_rank(site, rank)
-        n, t = self._fan_in(site), site.out_features
+        g, n, t = site.groups, self._fan_in(site), site.out_features
         p_in, p_out = pixels(site.in_size), pixels(site.out_size)
         bias = t if site.bias else 0
+        mid = g * r  # channels between the stages
         return [
-            Stage("project", r * n, r * n * p_out, site.in_features * p_in, r * p_out),
-            Stage("expand", r * t + bias, r * t * p_out, r * p_out, t * p_out, bias),
+            Stage("project", mid * n, mid * n * p_out, site.in_features * p_in, mid * p_out),
+            Stage("expand", r * t + bias, r * t * p_out, mid * p_out, t * p_out, bias),
         ]
 
     def decompose(self, weight: torch.Tensor, site: Site, rank: int, **options: Any) -> Factors:
         r = self.normalize_rank(site, rank)
-        return split_svd(weight.reshape(site.out_features, -1), r)
+        g, _, t_g = group_shape(site)
+        top = split_svd_groups(weight.reshape(g, t_g, -1), self.max_rank(site))
+        return self.slice(top, site, r)  # sliceable: the factors at r are those at max, cut
 
     def build(
         self,
@@ -147,13 +215,16 @@ class SVD(Factorization):
                 nn.Linear(r, t, bias=site.bias, **where),
             ]
         else:
+            g = site.groups
             layers = [
-                nn.Conv2d(s, r, **conv_kwargs(site), bias=False, **where),
-                nn.Conv2d(r, t, 1, bias=site.bias, **where),
+                nn.Conv2d(s, g * r, **conv_kwargs(site), groups=g, bias=False, **where),
+                nn.Conv2d(g * r, t, 1, groups=g, bias=site.bias, **where),
             ]
         weights = None
         if factors is not None:
-            weights = [take(factors["right"], 0, r), take(factors["left"], 1, r)]
+            check_groups(factors, site, {"left": 2, "right": 2})
+            # right (g ×) r × n → (g·r) × S/g × kh × kw; left (g ×) T/g × r → T × r × 1 × 1
+            weights = [take(factors["right"], -2, r), take(factors["left"], -1, r)]
         return assemble(layers, weights, bias)
 
 
@@ -168,6 +239,7 @@ class SpatialSVD(Factorization):
 
     name = "svd_spatial"
     kinds = ("conv2d",)
+    rank_dims = (("left", -1, 0), ("right", -2, 0))  # (S·kh) × r and r × (T·kw)
     description = "spatial SVD (Jaderberg): kh×1 conv S→R, 1×kw conv R→T"
 
     def admits(self, site: Site) -> str | None:
@@ -193,7 +265,8 @@ class SpatialSVD(Factorization):
     def decompose(self, weight: torch.Tensor, site: Site, rank: int, **options: Any) -> Factors:
         r = self.normalize_rank(site, rank)
         (kh, kw), s, t = site.kernel_size, site.in_features, site.out_features
-        return split_svd(weight.permute(1, 2, 0, 3).reshape(s * kh, t * kw), r)
+        top = split_svd(weight.permute(1, 2, 0, 3).reshape(s * kh, t * kw), self.max_rank(site))
+        return self.slice(top, site, r)  # sliceable: the factors at r are those at max, cut
 
     def build(
         self,

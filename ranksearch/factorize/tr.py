@@ -17,18 +17,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from ..errors import InvalidRankError
 from . import register
 from .base import Factorization, Factors, Stage, pixels
 from .tt import (
-    chain_step,
     check_bias,
     check_weight,
+    core_rows,
     core_weight,
+    exact_core,
     factory,
+    leading,
     load,
     matrix_modes,
     matrix_tensor,
+    next_state,
     set_bias,
     split,
     tt_sweep,
@@ -43,7 +45,8 @@ class TRLinear(nn.Module):
 
     ``cores[0]`` is ``Linear(I_1 → r_0·O_1·r_1)``; the ring index ``r_0`` then rides along as a
     batch dimension through the middle cores ``Linear(r_k·I_k → O_k·r_{k+1})``, and the last
-    core ``Linear(r_0·r_{d-1}·I_d → O_d)`` closes the ring by contracting it.
+    core ``Linear(r_0·r_{d-1}·I_d → O_d)`` closes the ring by contracting it. Scriptable, and
+    exportable with a dynamic batch.
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class TRLinear(nn.Module):
         super().__init__()
         self.in_modes, self.out_modes = tuple(in_modes), tuple(out_modes)
         self.ranks = tuple(ranks)
+        self.in_features, self.out_features = prod(self.in_modes), prod(self.out_modes)
         ring, d = self.ranks[0], len(self.in_modes)
         bonds = (*self.ranks, ring)
         self.cores = nn.ModuleList(
@@ -68,22 +72,25 @@ class TRLinear(nn.Module):
             )
             for k, (i, o) in enumerate(zip(self.in_modes, self.out_modes, strict=True))
         )
-        out = prod(self.out_modes)
-        self.bias = nn.Parameter(torch.zeros(out, **factory)) if bias else None
+        self.bias = nn.Parameter(torch.zeros(self.out_features, **factory)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ins, outs, ring = self.in_modes, self.out_modes, self.ranks[0]
-        lead, b, rest = x.shape[:-1], x.shape[:-1].numel(), prod(ins[1:])
-        first, *middle, last = self.cores
-        y = first(x.reshape(b, ins[0], rest).transpose(1, 2))  # (B, ∏I_{>1}, r_0·O_1·r_1)
-        z = y.reshape(b, rest, ring, first.out_features // ring).transpose(1, 2)
-        z = z.reshape(b * ring, ins[1], rest // ins[1], outs[0], self.ranks[1])
-        for k, layer in enumerate(middle, start=1):
-            z = chain_step(z, layer, outs[k], ins[k + 1])
-        done = z.shape[3]  # z: (B·r_0, I_d, 1, ∏O_{<d}, r_{d-1})
-        z = z.reshape(b, ring, ins[-1], done, self.ranks[-1]).permute(0, 3, 1, 4, 2)
-        y = last(z.reshape(b, done, last.in_features)).reshape(*lead, prod(outs))
-        return y if self.bias is None else y + self.bias
+        ins, outs, ring, d = self.in_modes, self.out_modes, self.ranks[0], len(self.in_modes)
+        z = x.reshape(-1, ins[0], self.in_features // ins[0])  # (B, I_1, ∏I_{>1})
+        for k, layer in enumerate(self.cores):
+            if k == 0:  # → (B·r_0, I_2, ∏I_{>2}, O_1, r_1): the ring index rides as batch
+                y = layer(z.transpose(1, 2)).unflatten(2, [ring, -1]).transpose(1, 2)
+                z = next_state(y.flatten(0, 1).unsqueeze(2), outs[0], ins[1])
+            elif k < d - 1:
+                z = next_state(layer(core_rows(z)), outs[k], ins[k + 1])
+            else:  # (B·r_0, I_d, 1, ∏O_{<d}, r_{d-1}) → rows (B, ∏O_{<d}, r_0·r_{d-1}·I_d)
+                z = z.reshape(-1, ring, ins[k], z.shape[3], z.shape[4]).permute(0, 3, 1, 4, 2)
+                z = layer(z.flatten(2))
+        y = leading(z, x, self.out_features)
+        bias = self.bias
+        if bias is not None:
+            y = y + bias
+        return y
 
     def extra_repr(self) -> str:
         return f"in_modes={self.in_modes}, out_modes={self.out_modes}, ranks={self.ranks}"
@@ -104,6 +111,7 @@ class TR(Factorization):
     name = "tr"
     kinds = ("linear",)
     sliceable = False
+    exact_at_max = True
     description = "tensor ring (TR-SVD) of the TT-matrix tensorization of a linear layer"
 
     def __init__(self, modes: int = 3) -> None:
@@ -176,13 +184,8 @@ class TR(Factorization):
             return module
         cyclic = (*rank, rank[0])
         for k, layer in enumerate(module.cores):
-            core = factors[f"core{k}"]
             expected = (cyclic[k], ins[k], outs[k], cyclic[k + 1])
-            if tuple(core.shape) != expected:
-                raise InvalidRankError(
-                    f"tr is not sliceable: factor 'core{k}' has shape {tuple(core.shape)}, "
-                    f"rank {rank!r} needs {expected}; decompose at this rank"
-                )
+            core = exact_core(factors, k, expected, self.name, rank)
             if k == 0:  # (r_0, I, O, r_1) → rows (r_0, O, r_1)
                 load(layer, core.permute(0, 2, 3, 1))
             else:

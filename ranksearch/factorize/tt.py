@@ -8,8 +8,12 @@ factor the kernel ordered (in, height, width, out) into four cores run as
 1×1 → kh×1 → 1×kw → 1×1 convolutions (the TT convolution whose costs Su et al. give; Garipov et
 al., "Ultimate tensorization", 2016, tensorize the channels instead).
 
-The cores of TT-SVD are left-orthogonal, so factors at a rank hold every smaller rank: core k
-keeps its first ``r_{k-1}`` rows and ``r_k`` columns.
+TT is decomposed per rank (not sliceable): TT-SVD at a smaller rank truncates the first
+unfolding and then factors what is left, so its later cores are not slices of the cores at a
+larger rank (slicing those fits worse).
+
+`TTLinear` (and `TRLinear` in `tr`) reshape with the batch inferred, so they script with
+`torch.jit.script` and export with a dynamic batch (`torch.export`, ONNX).
 """
 
 from __future__ import annotations
@@ -105,11 +109,25 @@ def core_weight(core: torch.Tensor, rows: int) -> torch.Tensor:
     return core.permute(2, 3, 0, 1).reshape(rows, -1)
 
 
-def chain_step(z: torch.Tensor, layer: nn.Linear, out_mode: int, next_in: int) -> torch.Tensor:
-    """Contract state ``(B, I_k, ∏I_{>k}, ∏O_{<k}, r_{k-1})`` with core k; same layout after."""
-    b, _, rest, done, _ = z.shape
-    y = layer(z.permute(0, 2, 3, 4, 1).reshape(b, rest, done, layer.in_features))
-    return y.reshape(b, next_in, rest // next_in, done * out_mode, layer.out_features // out_mode)
+def core_rows(z: torch.Tensor) -> torch.Tensor:
+    """State ``(B, I_k, ∏I_{>k}, ∏O_{<k}, r_{k-1})`` as the rows ``(B, ∏I_{>k}, ∏O_{<k},
+    r_{k-1}·I_k)`` that core k reads."""
+    return z.permute(0, 2, 3, 4, 1).flatten(3)
+
+
+def next_state(y: torch.Tensor, out_mode: int, next_in: int) -> torch.Tensor:
+    """Core k's output ``(B, ∏I_{>k}, ∏O_{<k}, O_k·r_k)`` as the state of core k+1,
+    ``(B, I_{k+1}, ∏I_{>k+1}, ∏O_{≤k}, r_k)`` (``next_in = 1`` after the last core).
+
+    The batch is inferred (-1), so scripted and exported modules keep it dynamic.
+    """
+    rest, done, width = y.shape[1], y.shape[2], y.shape[3]
+    return y.reshape(-1, next_in, rest // next_in, done * out_mode, width // out_mode)
+
+
+def leading(y: torch.Tensor, x: torch.Tensor, features: int) -> torch.Tensor:
+    """``y`` reshaped to the leading dims of the input ``x`` and ``features`` outputs."""
+    return y.reshape(list(x.shape[:-1]) + [features])  # noqa: RUF005 (TorchScript: no *list)
 
 
 def load(layer: nn.Module, weight: torch.Tensor) -> None:
@@ -118,15 +136,17 @@ def load(layer: nn.Module, weight: torch.Tensor) -> None:
         layer.weight.copy_(weight.reshape(layer.weight.shape))
 
 
-def slice_core(core: torch.Tensor, left: int, right: int, name: str) -> torch.Tensor:
-    """The first ``left`` rows and ``right`` columns of a core (bond dims first and last)."""
-    if core.shape[0] < left or core.shape[-1] < right:
+def exact_core(
+    factors: Factors, k: int, expected: tuple[int, ...], method: str, rank: Rank
+) -> torch.Tensor:
+    """Core ``k`` of ``factors``, which must have the shape rank ``rank`` needs."""
+    core = factors[f"core{k}"]
+    if tuple(core.shape) != expected:
         raise InvalidRankError(
-            f"factor {name!r} of shape {tuple(core.shape)} holds ranks "
-            f"({core.shape[0]}, {core.shape[-1]}), fewer than the requested ({left}, {right}); "
-            "decompose at a rank at least as large"
+            f"{method} is not sliceable: factor 'core{k}' has shape {tuple(core.shape)}, "
+            f"rank {rank!r} needs {expected}; decompose at this rank"
         )
-    return core[:left, ..., :right]
+    return core
 
 
 def check_weight(weight: torch.Tensor, site: Site) -> None:
@@ -164,7 +184,8 @@ class TTLinear(nn.Module):
     """A TT-matrix layer (Novikov et al. 2015): input ``(N, *, I)`` → output ``(N, *, O)``.
 
     Core k is ``cores[k]``, a bias-free ``Linear(r_{k-1}·I_k → O_k·r_k)``; the forward pass
-    contracts the tensorized input with the cores in turn, reshaping in between.
+    contracts the tensorized input with the cores in turn, reshaping in between. Scriptable,
+    and exportable with a dynamic batch.
     """
 
     def __init__(
@@ -178,21 +199,25 @@ class TTLinear(nn.Module):
         super().__init__()
         self.in_modes, self.out_modes = tuple(in_modes), tuple(out_modes)
         self.ranks = tuple(ranks)
+        self.in_features, self.out_features = prod(self.in_modes), prod(self.out_modes)
         bonds = (1, *self.ranks, 1)
         self.cores = nn.ModuleList(
             nn.Linear(bonds[k] * i, o * bonds[k + 1], bias=False, **factory)
             for k, (i, o) in enumerate(zip(self.in_modes, self.out_modes, strict=True))
         )
-        out = prod(self.out_modes)
-        self.bias = nn.Parameter(torch.zeros(out, **factory)) if bias else None
+        self.bias = nn.Parameter(torch.zeros(self.out_features, **factory)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ins, lead = self.in_modes, x.shape[:-1]
-        z = x.reshape(lead.numel(), ins[0], prod(ins[1:]), 1, 1)
+        ins, outs = self.in_modes, self.out_modes
+        z = x.reshape(-1, ins[0], self.in_features // ins[0], 1, 1)  # (B, I_1, ∏I_{>1}, 1, 1)
         for k, layer in enumerate(self.cores):
-            z = chain_step(z, layer, self.out_modes[k], ins[k + 1] if k + 1 < len(ins) else 1)
-        y = z.reshape(*lead, prod(self.out_modes))
-        return y if self.bias is None else y + self.bias
+            next_in = ins[k + 1] if k + 1 < len(ins) else 1
+            z = next_state(layer(core_rows(z)), outs[k], next_in)
+        y = leading(z, x, self.out_features)
+        bias = self.bias
+        if bias is not None:
+            y = y + bias
+        return y
 
     def extra_repr(self) -> str:
         return f"in_modes={self.in_modes}, out_modes={self.out_modes}, ranks={self.ranks}"
@@ -204,12 +229,14 @@ class TT(Factorization):
     """Tensor train: TT-matrix for Linear (``modes`` modes per side), 4-core TT for Conv2d.
 
     Rank: the inner TT ranks, ``d-1`` of them for a linear layer, ``(r1, r2, r3)`` for a
-    convolution.
+    convolution. The maximum: each bond at the rank of its unfolding,
+    ``r_k = min(∏_{j≤k} n_j, ∏_{j>k} n_j)``, where TT-SVD is exact. Decomposed per rank.
     """
 
     name = "tt"
     kinds = ("conv2d", "linear")
-    sliceable = True
+    sliceable = False
+    exact_at_max = True
     description = "tensor train (TT-SVD): TT-matrix for linear, in-h-w-out cores for conv"
 
     def __init__(self, modes: int = 3) -> None:
@@ -308,7 +335,7 @@ class TT(Factorization):
         if factors is None:
             return module
         for k, layer in enumerate(layers):
-            core = slice_core(factors[f"core{k}"], bonds[k], bonds[k + 1], f"core{k}")
+            core = exact_core(factors, k, self._core_shape(site, bonds, k), self.name, rank)
             if site.kind == "linear":
                 load(layer, core_weight(core, layer.out_features))
             elif k < 3:  # (r_{k-1}, n_k, r_k) → (r_k, r_{k-1}, ·, ·); core0 reads S as input
@@ -318,3 +345,11 @@ class TT(Factorization):
         if bias_param is not None:
             set_bias(bias_param, bias, site)
         return module
+
+    def _core_shape(self, site: Site, bonds: Sequence[int], k: int) -> tuple[int, ...]:
+        """The shape of factor ``core{k}`` at the bonds ``(1, *rank, 1)``."""
+        if site.kind == "linear":
+            ins, outs = matrix_modes(site, self.modes)
+            return (bonds[k], ins[k], outs[k], bonds[k + 1])
+        modes = (site.in_features, *site.kernel_size, site.out_features)
+        return (bonds[k], modes[k], bonds[k + 1])

@@ -9,7 +9,7 @@ from torch import nn
 
 from . import register
 from .base import Factorization, Factors, Stage, conv_kwargs, pixels
-from .svd import assemble, factory, take, truncated_svd
+from .svd import assemble, check_groups, factory, group_shape, grouped_reason, take, truncated_svd
 
 if TYPE_CHECKING:
     from ..space import Site
@@ -24,43 +24,53 @@ class Tucker2(Factorization):
     singular vectors of the mode-0 and mode-1 unfoldings. Layers: ``Conv2d(S, r_in, 1)`` at
     input resolution, ``Conv2d(r_in, r_out, kh×kw)`` with the layer's stride, padding and
     dilation, ``Conv2d(r_out, T, 1)`` with the bias. The rank is ``(r_in, r_out)``.
+
+    A grouped conv (groups g) takes one HOSVD per group at per-group ranks ``(r_in, r_out)``:
+    ``Conv2d(S, g·r_in, 1)``, ``Conv2d(g·r_in, g·r_out, kh×kw)``, ``Conv2d(g·r_out, T, 1)``,
+    all with groups=g. Its factors carry a leading group dimension.
     """
 
     name = "tucker2"
     kinds = ("conv2d",)
+    # (g ×) S × r_in, (g ×) T × r_out, (g ×) r_out × r_in × kh × kw
+    rank_dims = (("in", -1, 0), ("out", -1, 1), ("core", -4, 1), ("core", -3, 0))
     description = "Tucker-2 (Kim): 1×1 conv S→r_in, k×k conv r_in→r_out, 1×1 conv r_out→T"
+
+    def admits_groups(self, site: Site) -> str | None:
+        _, s_g, t_g = group_shape(site)
+        k = site.kernel_size[0] * site.kernel_size[1]
+        return grouped_reason(site, self.name, s_g + k + t_g)
 
     def max_rank(self, site: Site) -> tuple[int, int]:
         k = site.kernel_size[0] * site.kernel_size[1]
-        s, t = site.in_features, site.out_features
+        _, s, t = group_shape(site)
         return (min(s, t * k), min(t, s * k))
 
     def stages(self, site: Site, rank: tuple[int, int]) -> list[Stage]:
         r_in, r_out = self.normalize_rank(site, rank)
         k = site.kernel_size[0] * site.kernel_size[1]
-        s, t = site.in_features, site.out_features
+        g, s, t = site.groups, site.in_features, site.out_features
         p_in, p_out = pixels(site.in_size), pixels(site.out_size)
         bias = t if site.bias else 0
-        core = r_in * r_out * k
+        mid_in, mid_out = g * r_in, g * r_out  # channels between the stages
+        core = mid_in * r_out * k
         return [
-            Stage("in", s * r_in, s * r_in * p_in, s * p_in, r_in * p_in),
-            Stage("core", core, core * p_out, r_in * p_in, r_out * p_out),
-            Stage("out", r_out * t + bias, r_out * t * p_out, r_out * p_out, t * p_out, bias),
+            Stage("in", s * r_in, s * r_in * p_in, s * p_in, mid_in * p_in),
+            Stage("core", core, core * p_out, mid_in * p_in, mid_out * p_out),
+            Stage("out", r_out * t + bias, r_out * t * p_out, mid_out * p_out, t * p_out, bias),
         ]
 
     def decompose(
         self, weight: torch.Tensor, site: Site, rank: tuple[int, int], **options: Any
     ) -> Factors:
         r_in, r_out = self.normalize_rank(site, rank)
-        w = weight.detach().to(torch.float64)
-        u_out = truncated_svd(w.reshape(w.shape[0], -1), r_out)[0]
-        u_in = truncated_svd(w.transpose(0, 1).reshape(w.shape[1], -1), r_in)[0]
-        core = torch.einsum("tsij,ta,sb->abij", w, u_out, u_in)
-        return {
-            "in": u_in.to(weight.dtype),
-            "core": core.to(weight.dtype),
-            "out": u_out.to(weight.dtype),
-        }
+        g, _, t_g = group_shape(site)
+        top = self.max_rank(site)  # sliceable: the factors at a rank are those at max, cut
+        parts = [hosvd(w, *top) for w in weight.reshape(g, t_g, *weight.shape[1:])]
+        if g == 1:
+            return self.slice(parts[0], site, (r_in, r_out))
+        stacked = {key: torch.stack([p[key] for p in parts]) for key in ("in", "core", "out")}
+        return self.slice(stacked, site, (r_in, r_out))
 
     def build(
         self,
@@ -71,14 +81,30 @@ class Tucker2(Factorization):
     ) -> nn.Module:
         r_in, r_out = self.normalize_rank(site, rank)
         where = factory(factors, bias)
-        s, t = site.in_features, site.out_features
+        g, s, t = site.groups, site.in_features, site.out_features
         layers = [
-            nn.Conv2d(s, r_in, 1, bias=False, **where),
-            nn.Conv2d(r_in, r_out, **conv_kwargs(site), bias=False, **where),
-            nn.Conv2d(r_out, t, 1, bias=site.bias, **where),
+            nn.Conv2d(s, g * r_in, 1, groups=g, bias=False, **where),
+            nn.Conv2d(g * r_in, g * r_out, **conv_kwargs(site), groups=g, bias=False, **where),
+            nn.Conv2d(g * r_out, t, 1, groups=g, bias=site.bias, **where),
         ]
         weights = None
         if factors is not None:
-            core = take(take(factors["core"], 0, r_out), 1, r_in)
-            weights = [take(factors["in"], 1, r_in).mT, core, take(factors["out"], 1, r_out)]
+            check_groups(factors, site, {"in": 2, "core": 4, "out": 2})
+            # in (g ×) S/g × r_in, core (g ×) r_out × r_in × kh × kw, out (g ×) T/g × r_out
+            core = take(take(factors["core"], -4, r_out), -3, r_in)
+            weights = [take(factors["in"], -1, r_in).mT, core, take(factors["out"], -1, r_out)]
         return assemble(layers, weights, bias)
+
+
+def hosvd(weight: torch.Tensor, r_in: int, r_out: int) -> Factors:
+    """Truncated Tucker-2 HOSVD of one T × S × kh × kw kernel, in float64, returned in the
+    kernel's dtype: ``in`` S × r_in, ``core`` r_out × r_in × kh × kw, ``out`` T × r_out."""
+    w = weight.detach().to(torch.float64)
+    u_out = truncated_svd(w.reshape(w.shape[0], -1), r_out)[0]
+    u_in = truncated_svd(w.transpose(0, 1).reshape(w.shape[1], -1), r_in)[0]
+    core = torch.einsum("tsij,ta,sb->abij", w, u_out, u_in)
+    return {
+        "in": u_in.to(weight.dtype),
+        "core": core.to(weight.dtype),
+        "out": u_out.to(weight.dtype),
+    }

@@ -1,0 +1,103 @@
+"""Export: rebuild exactly the model a search scored, and write it.
+
+The stored result of a config was measured on a candidate built from the factor cache and
+fine-tuned by the proxy (seeded). `scored_model` rebuilds that candidate through the same
+`Evaluator.candidate`, after checking that the model and task given are the ones the search
+measured (the study's fingerprint), and validates it again, so the written model is the one
+whose figures the store holds.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from .constraints import Constraint
+from .evaluate import Evaluator, ProxySettings
+from .pareto import best
+from .report import write_atomic
+from .result import Result
+from .space import Config, SpaceSpec
+from .store import StoreError, default_url, list_studies, read_fingerprint, read_study
+from .surgery import save
+from .task import Task
+
+
+@dataclass(frozen=True)
+class Exported:
+    """A rebuilt candidate: the ``model``, its ``config``, the stored ``result`` it was
+    picked as, and ``metrics``, the validation measured again on the rebuilt model."""
+
+    model: nn.Module = field(repr=False)
+    config: Config
+    result: Result
+    metrics: dict[str, float]
+
+    def write(self, path: str | os.PathLike, **extra: Any) -> Path:
+        """Write the model (`ranksearch.save`) and a JSON record beside it (``.json``)."""
+        path = save(path, self.model, self.config)
+        doc = {"config": self.config.to_json(), "search_metrics": dict(self.result.metrics),
+               "rebuilt_metrics": self.metrics, "fingerprint": self.result.fingerprint, **extra}
+        write_atomic(path.with_suffix(".json"), json.dumps(doc, indent=2).encode())
+        return path
+
+
+def study_of(url: str, study: str | None) -> str:
+    """``study``, or the only study of the store."""
+    if study is not None:
+        return study
+    names = list_studies(url)
+    if len(names) != 1:
+        raise StoreError(f"the store holds {names or 'no searches'}; name one with --study")
+    return names[0]
+
+
+def scored_model(
+    model: nn.Module,
+    task: Task,
+    *,
+    store: str | None = None,
+    out: str = "ranksearch-out",
+    study: str | None = None,
+    pick: Sequence[str | Constraint] = (),
+    config: Config | None = None,
+) -> Exported:
+    """The candidate a search scored, rebuilt from ``model`` (the dense model searched) and
+    ``task``: ``config``, or the most accurate stored result meeting ``pick`` (default: the
+    search's constraints).
+
+    Raises `StoreError` when the model, the task or the settings differ from those the study
+    measured (naming what differs), or when nothing meets ``pick``.
+    """
+    url = store or default_url(out)
+    study = study_of(url, study)
+    results, meta = read_study(url, study)
+    if config is None:
+        picked = best(results, pick or meta.get("constraints", []))
+        if picked is None:
+            raise StoreError(f"no stored result of {study!r} meets {list(map(str, pick))}; "
+                             "relax the budget")
+    else:
+        found = [r for r in results if r.config == config and r.ok]
+        if not found:
+            raise StoreError(f"{config} has no successful result in {study!r}")
+        picked = found[-1]
+    if "space" not in meta or "proxy" not in meta:
+        raise StoreError(f"study {study!r} does not record its space and proxy settings; run "
+                         "the search again with this version to export from it")
+    space = SpaceSpec.from_json(meta["space"]).discover(model, task.example_input())
+    evaluator = Evaluator(model, task, ProxySettings(**meta["proxy"]), space)
+    stored = read_fingerprint(url, study)
+    if stored is not None:
+        differences = evaluator.fingerprint.differences(stored)
+        if differences:
+            raise StoreError(f"the model or task given is not the one study {study!r} measured: "
+                             f"{'; '.join(differences)}. Pass the model and task of the search.")
+    candidate, _ = evaluator.candidate(picked.config)
+    return Exported(candidate.eval(), picked.config, picked, evaluator.validate(candidate))
