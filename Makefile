@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all bench bench-quality lint clean
+.PHONY: demo test test-all examples bench bench-quality lint clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# every example, the README's Python quick start and the demo, each in a scratch folder
+examples: $(STAMP)
+	bash .ci/examples
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -q -m ''

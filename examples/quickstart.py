@@ -35,8 +35,8 @@ result = ranksearch.search(
 best = result.best("flops<=0.5")
 print("best under half the FLOPs:", best.config, round(best.metrics["accuracy"], 4))
 
-# 5. Export it and load it back.
-final = ranksearch.compress(model, best.config, cache=cache)
-ranksearch.save("ranksearch-out/quickstart.pt", final, best.config)
+# 5. Export exactly the model that was scored (the proxy's fine-tuning included), reload it.
+scored = result.model(best)
+ranksearch.save("ranksearch-out/quickstart.pt", scored, best.config)
 loaded, _ = ranksearch.load("ranksearch-out/quickstart.pt", model)
 print("reloaded accuracy:", evaluate_accuracy(loaded, task.val))

@@ -15,7 +15,7 @@ compressed model from plain torch layers, and search per-layer ranks for a budge
 from .cache import FactorCache
 from .constraints import Constraint
 from .cost import CostModel, EnergyTable, measure_latency
-from .errors import RankSearchError
+from .errors import ExportError, RankSearchError, TaskError
 from .evaluate import Evaluator, ProxySettings
 from .export import Exported, scored_model
 from .fingerprint import Fingerprint
@@ -34,6 +34,7 @@ __all__ = [
     "CostModel",
     "EnergyTable",
     "Evaluator",
+    "ExportError",
     "Exported",
     "FactorCache",
     "Fingerprint",
@@ -49,6 +50,7 @@ __all__ = [
     "StopSearch",
     "Strategy",
     "Task",
+    "TaskError",
     "available_strategies",
     "compress",
     "load",

@@ -3,36 +3,59 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import inspect
 import json
 import logging
+import math
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from . import factorize
+from . import __version__, factorize
 from .cache import FactorCache, effective_rank
+from .checks import check_device
 from .constraints import parse_constraints
 from .cost import CostModel
 from .errors import RankSearchError
 from .evaluate import ProxySettings
 from .export import scored_model, study_of
 from .models import build_model
-from .pareto import parse_objectives
-from .report import front_table, plot_fronts, write_csv, write_json
+from .pareto import describe_hypervolume, parse_objectives
+from .report import front_table, plot_fronts, write_csv, write_json, written_line
 from .schedules import SCHEDULES, finetune
 from .search import SearchResult, search
 from .space import Config, SpaceSpec
-from .store import default_url, list_studies, read_study
-from .strategy import available_strategies
-from .task import Task, evaluate_accuracy, load_task, load_user_task, pretrained
+from .store import list_studies, read_objectives, read_study
+from .strategy import Strategy, available_strategies
+from .task import (
+    REFERENCE_MODELS,
+    Task,
+    evaluate_accuracy,
+    load_task,
+    load_user_task,
+    pretrained,
+)
 
 DEMO_STRATEGY = "pca_energy"
 
 DEFAULT_SHAPES = {"digits-cnn": (1, 8, 8), "resnet20": (3, 32, 32), "vgg-small": (3, 32, 32)}
+# built-in tasks whose data ships with the package's dependencies (no --data needed)
+SHIPPED_TASKS = ("digits",)
+DB_NAME = "ranksearch.db"
+# export formats: default file name in --out, and how the file is loaded
+FORMATS = {
+    "ranksearch": ("model.pt", "ranksearch.load(path, dense_model)"),
+    "torchscript": ("model.torchscript.pt", "torch.jit.load(path)"),
+    "torch.export": ("model.pt2", "torch.export.load(path).module()"),
+    "onnx": ("model.onnx", "onnxruntime.InferenceSession(path)"),
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -56,39 +79,60 @@ def _parser() -> argparse.ArgumentParser:
         description="Search per-layer ranks to compress a network by low-rank and tensor "
         "decomposition.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    # -v after the subcommand too; SUPPRESS keeps a -v given before it
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="log progress details")
     sub = parser.add_subparsers(dest="command", required=True)
+    command = partial(sub.add_parser, parents=[common])
 
-    p = sub.add_parser("inspect", help="list a model's decomposable layers and their costs")
-    p.add_argument("model", nargs="?", default="digits-cnn",
-                   help="a built-in model (digits-cnn, resnet20, vgg-small) or file.py:factory")
+    p = command("inspect", help="list a model's decomposable layers and their costs")
+    p.add_argument("model", nargs="?", default=None,
+                   help="a built-in model (digits-cnn, resnet20, vgg-small) or file.py:factory "
+                   "(default: the --task's reference model, else digits-cnn)")
+    p.add_argument("--task", default=None,
+                   help="inspect the weights trained on this built-in task (trained once and "
+                   "cached); default: digits for digits-cnn, none (untrained) for the others")
+    p.add_argument("--data", default=None, help="data folder of the task")
     p.add_argument("--input-shape", type=_shape, default=None,
-                   help="per-sample input shape, e.g. 3,32,32 (default: the model's own)")
+                   help="per-sample input shape of an untrained built-in model, e.g. 3,32,32 "
+                   "(default: the model's own)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="hide the bar of the reference model's training")
     _space_options(p)
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("search", help="search ranks for a budget")
+    p = command("search", help="search ranks for a budget")
     _task_options(p)
     p.add_argument("--strategy", default="uniform", help="a strategy (see `ranksearch strategies`)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a strategy option (repeatable); values are read as JSON when they parse")
     p.add_argument("--constraint", action="append", default=[], metavar="EXPR",
-                   help='a budget such as "flops<=0.5" (ratio of the dense model) or '
-                   '"params<=2e6" (absolute); repeatable')
+                   help='a budget such as "flops<=0.5" (ratio of the dense model), '
+                   '"params<=2e6" (absolute), "energy<=5mJ" or "latency<=3ms" (energy and '
+                   'latency need a unit, or x for a ratio); repeatable')
     p.add_argument("--objective", type=_names, default=["accuracy", "flops"],
                    help="objectives, comma separated (default: accuracy,flops)")
-    p.add_argument("--evaluations", type=int, default=40, help="evaluations to run in all")
-    p.add_argument("--time-limit", type=float, default=None, help="stop after this many seconds")
+    p.add_argument("--evaluations", type=_number(int, 1), default=40,
+                   help="evaluations to run in all")
+    p.add_argument("--time-limit", type=_number(float, 0, strict=True), default=None,
+                   help="stop after this many seconds")
+    p.add_argument("--device", default="cpu",
+                   help="where the proxy fine-tunes and scores candidates: cpu, cuda, cuda:1, "
+                   "... (default: cpu)")
     p.add_argument("--executor", default="local", choices=("local", "ray"),
                    help="where evaluations run: this process, or Ray Tune (local or a cluster)")
     ray = p.add_argument_group("ray executor")
     ray.add_argument("--address", default=None,
                      help="join a running Ray cluster (e.g. auto or 10.0.0.1:6379); default: "
                      "start a local one")
-    ray.add_argument("--cpus-per-trial", type=float, default=None, help="CPUs per trial (1)")
-    ray.add_argument("--gpus-per-trial", type=float, default=None,
-                     help="GPUs per trial; fractions share a GPU (e.g. 0.25)")
-    ray.add_argument("--max-concurrent", type=int, default=None,
+    ray.add_argument("--cpus-per-trial", type=_number(float, 0, strict=True), default=None,
+                     help="CPUs per trial (1)")
+    ray.add_argument("--gpus-per-trial", type=_number(float, 0), default=None,
+                     help="GPUs per trial; fractions share a GPU (e.g. 0.25); needs --device cuda")
+    ray.add_argument("--max-concurrent", type=_number(int, 1), default=None,
                      help="trials at a time (default: as many as the resources allow)")
     ray.add_argument("--early-stop", default=None, choices=("asha", "none"),
                      help="stop poor candidates early with ASHA on the proxy accuracy (asha)")
@@ -100,40 +144,51 @@ def _parser() -> argparse.ArgumentParser:
                    "the same (same weights, data, proxy settings and space)")
     _proxy_options(p)
     _space_options(p)
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="hide the progress bars (search, reference-model training)")
     p.set_defaults(func=cmd_search)
 
-    p = sub.add_parser("report", help="print fronts and write CSV, JSON and PNG plots")
+    p = command("report", help="print fronts and write CSV, JSON and PNG plots")
     _store_options(p)
     p.add_argument("--study", action="append", default=None,
                    help="a search in the store (repeatable; default: all of them, overlaid)")
-    p.add_argument("--objective", type=_names, default=["accuracy", "flops"])
+    p.add_argument("--objective", type=_names, default=None,
+                   help="objectives, comma separated (default: those each search used)")
     p.add_argument("--constraint", action="append", default=[], metavar="EXPR")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("export", help="write the compressed model picked from a search")
+    p = command("export", help="write the compressed model picked from a search")
     _store_options(p)
     p.add_argument("--study", default=None, help="the search (default: the only one in the store)")
     p.add_argument("--pick", action="append", default=[], metavar="EXPR",
                    help='the budget the exported model must meet, e.g. "flops<=0.5"; the most '
                    "accurate stored result under it is exported (default: the search's budget)")
-    p.add_argument("--finetune-epochs", type=int, default=0,
+    p.add_argument("--finetune-epochs", type=_number(int, 0), default=0,
                    help="fine-tune the compressed model this many epochs (per step of the "
                    "schedule) before writing it")
     p.add_argument("--schedule", default="one-shot", choices=SCHEDULES,
                    help="one-shot: decompose all, fine-tune once; iterative: one layer at a "
                    "time, fine-tuning the whole network after each; hybrid: iterative for "
                    "convolutions, then all linear layers at once (Astrid & Lee 2018)")
-    p.add_argument("--lr", type=float, default=1e-3, help="fine-tuning learning rate")
-    p.add_argument("--output", default=None, help="model file (default: OUT/model.pt)")
+    p.add_argument("--lr", type=_number(float, 0, strict=True), default=1e-3,
+                   help="fine-tuning learning rate")
+    p.add_argument("--format", default="ranksearch", choices=FORMATS,
+                   help="ranksearch: a .pt that ranksearch.load reads with the dense model; "
+                   "torchscript, torch.export: files that run with plain torch; onnx: needs "
+                   "the onnx package (and onnxruntime to run it)")
+    p.add_argument("--output", default=None,
+                   help="model file (default: OUT/model.pt, model.torchscript.pt, model.pt2 "
+                   "or model.onnx by --format)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="hide the progress bars (fine-tuning, reference-model training)")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("strategies", help="list the registered strategies")
+    p = command("strategies", help="list the registered strategies and their options")
     p.set_defaults(func=cmd_strategies)
 
-    p = sub.add_parser("demo", help="the default search on the trained digits CNN")
+    p = command("demo", help="the default search on the trained digits CNN")
     p.add_argument("--out", default="ranksearch-out", help="output folder")
-    p.add_argument("--evaluations", type=int, default=40)
+    p.add_argument("--evaluations", type=_number(int, 1), default=40)
     p.set_defaults(func=cmd_demo)
     return parser
 
@@ -157,14 +212,15 @@ def _task_options(p: argparse.ArgumentParser) -> None:
 
 
 def _proxy_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=0,
+    p.add_argument("--steps", type=_number(int, 0), default=0,
                    help="proxy fine-tuning steps per candidate (0: zero-shot)")
-    p.add_argument("--lr", type=float, default=1e-3, help="proxy learning rate")
-    p.add_argument("--batch-size", type=int, default=64, help="proxy batch size")
+    p.add_argument("--lr", type=_number(float, 0, strict=True), default=1e-3,
+                   help="proxy learning rate")
+    p.add_argument("--batch-size", type=_number(int, 1), default=64, help="proxy batch size")
     p.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
-    p.add_argument("--distill", type=float, default=0.0,
+    p.add_argument("--distill", type=_number(float, 0, high=1), default=0.0,
                    help="weight of knowledge distillation from the dense model (0: off)")
-    p.add_argument("--eval-batches", type=int, default=None,
+    p.add_argument("--eval-batches", type=_number(int, 1), default=None,
                    help="validation batches per candidate (default: the whole split)")
 
 
@@ -174,8 +230,10 @@ def _space_options(p: argparse.ArgumentParser) -> None:
                    f"convolutions, svd for linear layers; available: {factorize.available()})")
     p.add_argument("--include", type=_names, default=None, help="glob patterns of layer names")
     p.add_argument("--exclude", type=_names, default=None, help="glob patterns of layer names")
-    p.add_argument("--min-params", type=int, default=0, help="skip layers with fewer weights")
-    p.add_argument("--multiple-of", type=int, default=1, help="round ranks to this multiple")
+    p.add_argument("--min-params", type=_number(int, 0), default=0,
+                   help="skip layers with fewer weights")
+    p.add_argument("--multiple-of", type=_number(int, 1), default=1,
+                   help="round ranks to this multiple")
     p.add_argument("--dearer", action="store_true",
                    help="also offer ranks that cost as much as the dense layer or more")
 
@@ -201,6 +259,25 @@ def _names(text: str) -> list[str]:
     return [v.strip() for v in text.split(",") if v.strip()]
 
 
+def _number(kind: type[int] | type[float], low: float, *, strict: bool = False,
+            high: float | None = None) -> Callable[[str], float]:
+    """An argparse type: a ``kind`` ≥ ``low`` (> with ``strict``), and ≤ ``high`` if given."""
+    noun = "an integer" if kind is int else "a number"
+    bound = f"in [{low:g}, {high:g}]" if high is not None else f"{'>' if strict else '≥'} {low:g}"
+
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {noun} {bound}, got {text!r}") from None
+        if math.isnan(value) or value < low or (strict and value == low) or (
+                high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {noun} {bound}, got {text}")
+        return value
+
+    return parse
+
+
 def load_model(spec: str, input_shape: tuple[int, ...] | None) -> tuple[nn.Module, torch.Tensor]:
     """A model and an example input from a built-in name or ``file.py:factory``."""
     if _is_file_spec(spec):
@@ -216,8 +293,47 @@ def load_model(spec: str, input_shape: tuple[int, ...] | None) -> tuple[nn.Modul
     return model, torch.zeros(1, *shape)
 
 
+def inspected_model(args: argparse.Namespace) -> tuple[nn.Module, torch.Tensor, str]:
+    """The model `inspect` looks at, an example input, and a line saying where its weights
+    come from: trained on ``--task`` (or the shipped reference task), the user's own, or
+    untrained."""
+    spec = args.model or (None if args.task else "digits-cnn")
+    if args.task and (args.input_shape or (spec and _is_file_spec(spec))):
+        raise RankSearchError("with --task the task decides the model's input and weights; "
+                              "drop --input-shape, or drop --task to inspect file.py:factory")
+    if args.data and not args.task:
+        raise RankSearchError("--data is the data folder of --task; add --task")
+    if spec is not None and _is_file_spec(spec):
+        model, example = load_model(spec, args.input_shape)
+        return model, example, f"weights: as {spec} returns them"
+    task_name = args.task or (_reference_task(spec) if args.input_shape is None else None)
+    if task_name is None:
+        model, example = load_model(spec, args.input_shape)
+        return model, example, _untrained_note(spec)
+    model, task = model_and_task(task_name, args.data, spec, progress=not args.no_progress)
+    if _is_file_spec(task_name):
+        return model, task.example_input(), f"weights: as {task_name} returns them"
+    name = spec or REFERENCE_MODELS.get(task_name, "")
+    return model, task.example_input(), f"weights: {name} trained on {task.name} (cached)"
+
+
+def _reference_task(model: str) -> str | None:
+    """The task whose reference model ``model`` is, when its data ships here."""
+    return next((t for t in SHIPPED_TASKS if REFERENCE_MODELS[t] == model), None)
+
+
+def _untrained_note(model: str) -> str:
+    tasks = [t for t, m in REFERENCE_MODELS.items() if m == model and t not in SHIPPED_TASKS]
+    example = f"`ranksearch inspect {model} --task {tasks[0]}`" if tasks else "--task TASK"
+    return (f"weights: UNTRAINED ({model} at its random initialization); the eff.rank and "
+            f"90%σ² columns say nothing about a trained {model}. For trained weights pass "
+            f"{example} (--data DIR for the data folder; trains once, then cached), or your "
+            "own trained model as file.py:factory.")
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
-    model, example = load_model(args.model, args.input_shape)
+    model, example, weights = inspected_model(args)
+    print(weights + "\n")
     space = space_spec(args).discover(model, example)
     cache = FactorCache(model, space)
     costs = CostModel(space)
@@ -249,31 +365,77 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def model_and_task(spec: str, data: str | None, model_name: str | None, out: str
+def model_and_task(spec: str, data: str | None, model_name: str | None, progress: bool = True
                    ) -> tuple[nn.Module, Task]:
-    """The trained model and the task of a built-in task name or ``file.py:factory``."""
+    """The trained model and the task of a built-in task name or ``file.py:factory``; a
+    built-in task's reference model is trained once per user and cached (`pretrained`)."""
     if _is_file_spec(spec):
         return load_user_task(spec)
     task = load_task(spec, root=data)
-    model = pretrained(model_name, spec, cache_dir=Path(out) / "checkpoints", task=task,
-                       progress=True)
-    return model, task
+    return pretrained(model_name, spec, task=task, progress=progress), task
 
 
 def _is_file_spec(spec: str) -> bool:
     return ":" in spec and spec.rsplit(":", 1)[0].endswith(".py")
 
 
+def writable_out(out: str) -> Path:
+    """``out`` checked as an output folder that is, or can be made, a writable directory;
+    the check leaves nothing behind (a folder it had to create is removed again)."""
+    folder = Path(out).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise RankSearchError(f"--out {out} is a file, not a folder; choose a folder "
+                              "(it is created if missing)")
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise RankSearchError(f"cannot create or write the output folder {folder} "
+                              f"({e.strerror or e}); choose another --out") from None
+    finally:
+        for created in missing:
+            with contextlib.suppress(OSError):
+                created.rmdir()
+    return folder
+
+
+def existing_store(args: argparse.Namespace) -> str:
+    """The store URL of a command that only reads it: ``--store``, or the database a search
+    left in ``--out``, which must exist (nothing is created)."""
+    if args.store:
+        return args.store
+    folder = Path(args.out).expanduser()
+    db = folder / DB_NAME
+    if not db.is_file():
+        why = ("does not exist" if not folder.exists() else
+               "is not a folder" if not folder.is_dir() else f"has no {DB_NAME}")
+        raise RankSearchError(
+            f"the output folder {folder} {why}, so it holds no searches; check --out (the "
+            f"folder `ranksearch search --out` wrote to) or run `ranksearch search --out "
+            f"{args.out}` first"
+        )
+    return f"sqlite:///{db.resolve()}"
+
+
 def cmd_search(args: argparse.Namespace) -> int:
-    model, task = model_and_task(args.task, args.data, args.model, args.out)
+    writable_out(args.out)
+    ray = _ray_options(args)
     proxy = ProxySettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                           optimizer=args.optimizer, distill=args.distill,
-                          eval_batches=args.eval_batches)
+                          eval_batches=args.eval_batches, device=args.device)
+    if ray.get("gpus_per_trial", 0) > 0 and str(proxy.device).lower() == "cpu":
+        raise RankSearchError("--gpus-per-trial reserves GPUs but the proxy runs on cpu; "
+                              "add --device cuda")
+    parse_constraints(args.constraint)  # before a reference model is trained
+    check_device(proxy.device)
+    model, task = model_and_task(args.task, args.data, args.model,
+                                 progress=not args.no_progress)
     result = search(
         model, task, strategy=args.strategy, strategy_options=_options(args.option),
         constraints=args.constraint, objectives=args.objective, evaluations=args.evaluations,
-        time_limit=args.time_limit, executor=args.executor,
-        executor_options=_ray_options(args),
+        time_limit=args.time_limit, executor=args.executor, executor_options=ray,
         store=args.store, study=args.study,
         out=args.out, seed=args.seed, proxy=proxy, space=space_spec(args),
         retry_failed=args.retry_failed, share_results=args.share_results,
@@ -287,43 +449,51 @@ def cmd_search(args: argparse.Namespace) -> int:
 def _summarize(result: SearchResult, out: Path) -> None:
     print(f"study {result.study} ({result.stopped}; {result.evaluated} evaluated now, "
           f"{len(result.results)} stored)")
-    print(front_table(result.results, result.objectives, result.constraints))
+    dense = {**result.costs.metrics(Config()), **(result.meta.get("dense") or {})}
+    print(front_table(result.results, result.objectives, result.constraints, dense=dense))
     runs = {result.study: result.results}
-    write_csv(out / f"{result.study}.csv", result.results, result.objectives, result.constraints)
-    write_json(out / f"{result.study}.json", result.results, result.objectives,
-               result.constraints, result.meta)
+    written = [
+        write_csv(out / f"{result.study}.csv", result.results, result.objectives,
+                  result.constraints),
+        write_json(out / f"{result.study}.json", result.results, result.objectives,
+                   result.constraints, result.meta),
+    ]
     paths = plot_fronts(runs, out, result.objectives, result.constraints,
-                        prefix=f"{result.study}-front")
-    print(f"hypervolume {result.hypervolume():.4g}; wrote {out / result.study}.csv, .json and "
-          + ", ".join(p.name for p in paths))
+                        prefix=f"{result.study}-front", dense=dense)
+    print(describe_hypervolume(result.hypervolume(), result.objectives, dense))
+    print(written_line([*written, *paths]))
     if result.stopped == "interrupted":
         print("interrupted: run the same command again to resume", file=sys.stderr)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    url = args.store or default_url(args.out)
+    url = existing_store(args)
     studies = args.study or list_studies(url)
     if not studies:
         raise RankSearchError(f"the store {url} holds no search yet; run `ranksearch search`")
-    objectives = parse_objectives(args.objective)
+    given = parse_objectives(args.objective) if args.objective else None
     out = Path(args.out)
-    runs, budgets = {}, {}
+    runs, budgets, used, written, denses = {}, {}, [], [], {}
     for name in studies:
         results, meta = read_study(url, name)
+        objectives = given or parse_objectives(read_objectives(url, name))
         constraints = parse_constraints(args.constraint or meta.get("constraints", []))
         runs[name], budgets[name] = results, constraints
+        used.append(objectives)
         print(f"\n== {name}: strategy {meta.get('strategy', '?')}, "
+              f"objectives {', '.join(map(str, objectives))}, "
               f"constraints {[str(c) for c in constraints] or 'none'}")
-        print(front_table(results, objectives, constraints))
-        write_csv(out / f"{name}.csv", results, objectives, constraints)
-        write_json(out / f"{name}.json", results, objectives, constraints, meta)
-    paths = plot_fronts(runs, out, objectives, budgets)
-    print(f"\nwrote {', '.join(str(p) for p in paths)}")
+        denses[name] = meta.get("dense") or {}
+        print(front_table(results, objectives, constraints, dense=meta.get("dense")))
+        written += [write_csv(out / f"{name}.csv", results, objectives, constraints),
+                    write_json(out / f"{name}.json", results, objectives, constraints, meta)]
+    paths = plot_fronts(runs, out, used[0], budgets, dense=denses)
+    print("\n" + written_line([*written, *paths]))
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    url = args.store or default_url(args.out)
+    url = existing_store(args)
     study = study_of(url, args.study)
     _, meta = read_study(url, study)
     if "task_spec" not in meta:
@@ -333,19 +503,22 @@ def cmd_export(args: argparse.Namespace) -> int:
             "ranksearch.scored_model(model, task, store=..., study=...).write(path), or "
             "result.model(result.best()) on the SearchResult"
         )
+    progress = not args.no_progress
     model, task = model_and_task(meta["task_spec"], meta.get("data"), meta.get("model"),
-                                 args.out)
+                                 progress=progress)
     exported = scored_model(model, task, store=url, study=study, pick=args.pick)
     picked, compressed = exported.result, exported.model
     accuracy = exported.metrics["accuracy"]
     further = None
     if args.finetune_epochs:
         compressed = finetune(model, picked.config, task, schedule=args.schedule,
-                              epochs=args.finetune_epochs, lr=args.lr)
+                              epochs=args.finetune_epochs, lr=args.lr, progress=progress)
         further = evaluate_accuracy(compressed, task.val)
-    output = Path(args.output) if args.output else Path(args.out) / "model.pt"
+    name, loader = FORMATS[args.format]
+    output = Path(args.output) if args.output else Path(args.out) / name
     written = replace(exported, model=compressed).write(
-        output, study=study, finetune_epochs=args.finetune_epochs,
+        output, fmt=args.format, example_input=task.example_input(), study=study,
+        finetune_epochs=args.finetune_epochs,
         schedule=args.schedule if args.finetune_epochs else None,
         finetuned_val_accuracy=further)
     print(f"exported {picked.config}\n  search accuracy {picked.metrics['accuracy']:.4f}, "
@@ -354,15 +527,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     if further is not None:
         print(f"  val accuracy after {args.finetune_epochs} more epoch(s) ({args.schedule}) "
               f"{further:.4f}")
-    print(f"  wrote {written}")
+    print(f"  wrote {written} ({args.format}; load it with {loader})")
     return 0
+
+
+def strategy_options(cls: type[Strategy]) -> str:
+    """The keyword options of a strategy's constructor, with their defaults."""
+    params = [p for p in inspect.signature(cls).parameters.values()
+              if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    return ", ".join(p.name if p.default is p.empty else f"{p.name}={p.default!r}"
+                     for p in params) or "none"
 
 
 def cmd_strategies(args: argparse.Namespace) -> int:
     strategies = available_strategies()
     width = max(map(len, strategies))
     for name, cls in strategies.items():
-        print(f"{name.ljust(width)}  {cls.description}")
+        print(f"{name.ljust(width)}  {cls.description} (options: {strategy_options(cls)})")
+    print("\npass options as --option KEY=VALUE (values read as JSON)")
     return 0
 
 

@@ -5,21 +5,26 @@ A `Constraint` bounds one metric from above (``<=``) or below (``>=``); the stri
 latency) can be bounded absolutely or relative to the dense model, in which case the constraint
 reads the ``<metric>_ratio`` entry of the metrics. How the value is read:
 
-==============================  ==============================================================
-``flops<=0.5``                  a bare number ≤ 1 on a cost metric: a ratio of the dense model
-``params<=2e6``                 a bare number > 1 on a cost metric: absolute
+================================  ============================================================
+``flops<=0.5``                    a bare number ≤ 1 on params/macs/flops: a ratio of the dense
+                                  model
+``params<=2e6``                   a bare number > 1 on params/macs/flops: absolute
 ``flops<=50%``, ``params<=0.3x``  ``%`` or ``x`` force the ratio reading
-``params<=2M``, ``macs<=300k``  ``k``/``K``, ``M``, ``G`` (params, macs, flops): absolute
-``energy<=5mJ``                 ``J``, ``mJ``, ``uJ`` (or ``µJ``): absolute joules
-``latency<=10ms``               ``s``, ``ms``, ``us`` (or ``µs``): absolute seconds
-``flops_ratio<=0.5``            a ``_ratio`` name: a ratio, whatever the number
-``accuracy>=0.9``               accuracy is a fraction in [0, 1]; ``accuracy>=90%`` is the same
-``loss<=0.5``                   loss: absolute
-==============================  ==============================================================
+``params<=2M``, ``macs<=300k``    ``k``/``K``, ``M``, ``G`` (params, macs, flops): absolute
+``energy<=5mJ``                   ``J``, ``mJ``, ``uJ`` (or ``µJ``): absolute joules
+``latency<=10ms``                 ``s``, ``ms``, ``us`` (or ``µs``): absolute seconds
+``energy<=2e-5``                  refused: a bare number on energy or latency is ambiguous;
+                                  write a unit (``2e-5J``) or ``x`` (``0.5x``)
+``flops_ratio<=0.5``              a ``_ratio`` name: a ratio, whatever the number
+``accuracy>=0.9``                 accuracy is a fraction in [0, 1]; ``accuracy>=90%`` is the
+                                  same
+``loss<=0.5``                     loss: absolute
+================================  ============================================================
 
-``str(c)`` writes a canonical form that parses back to an equal constraint: ratios with an
-``x`` suffix (``flops<=0.5x``), absolute energy and latency with their base unit
-(``energy<=0.005J``), absolute counts as plain numbers (``params<=2000000``).
+``str(c)`` writes a canonical form that parses back to an equal constraint and says which
+reading is used: ratios with an ``x`` suffix (``flops<=0.5x``), absolute energy and latency with
+their base unit (``energy<=0.005J``), absolute counts as plain numbers (``params<=2000000``).
+`Constraint.format_value` writes a value of the metric the same way, for messages.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ _UNITS: dict[str, dict[str, Decimal]] = {
 }
 _UNITS["macs"] = _UNITS["flops"] = _UNITS["params"]
 _BASE_UNIT = {"energy": "J", "latency": "s"}
+_UNIT_WORD = {"energy": "joules", "latency": "seconds"}
 
 _OPS = {"<=": "<=", "<": "<=", "≤": "<=", ">=": ">=", ">": ">=", "≥": ">="}
 
@@ -70,12 +76,12 @@ _SYNTAX = re.compile(
 HELP = (
     "a constraint is METRIC OP VALUE with METRIC one of "
     f"{', '.join(METRICS)} (or params_ratio, flops_ratio, ...), OP one of <=, >= (< and > read "
-    "the same), and VALUE a number with an optional suffix: for params/macs/flops/energy/latency "
-    "a bare number ≤ 1 or a %/x suffix is a ratio of the dense model, a bare number > 1 or a "
-    "unit is absolute (k/M/G for counts, J/mJ/uJ for energy, s/ms/us for latency); accuracy is "
-    "a fraction or a percentage. Examples: 'flops<=0.5', 'flops<=50%', 'params<=0.3x', "
-    "'params<=2M', 'params<=2e6', 'energy<=5mJ', 'latency<=10ms', 'accuracy>=0.9', "
-    "'accuracy>=90%'"
+    "the same), and VALUE a number with an optional suffix: a %/x suffix is a ratio of the dense "
+    "model; for params/macs/flops a bare number ≤ 1 is a ratio too, a bare number > 1 or k/M/G "
+    "is absolute; energy and latency need a unit (J/mJ/uJ, s/ms/us) or %/x, never a bare "
+    "number; accuracy is a fraction or a percentage. Examples: 'flops<=0.5', 'flops<=50%', "
+    "'params<=0.3x', 'params<=2M', 'params<=2e6', 'energy<=5mJ', 'energy<=0.5x', "
+    "'latency<=10ms', 'accuracy>=0.9', 'accuracy>=90%'"
 )
 
 
@@ -84,6 +90,18 @@ def _number(value: float) -> str:
     if value.is_integer() and abs(value) < 1e15:
         return str(int(value))
     return repr(value)
+
+
+def _ambiguous(metric: str, op: str, amount: Decimal) -> str:
+    """The message for a bare number on energy or latency, naming both readings."""
+    number = _number(float(amount))
+    unit = _BASE_UNIT[metric]
+    others = ", ".join(u for u in dict.fromkeys(_UNITS[metric]) if u != unit and u.isascii())
+    return (
+        f"{metric}{op}{number} is ambiguous: write {metric}{op}{number}{unit} for "
+        f"{_UNIT_WORD[metric]} or {metric}{op}{number}x for a ratio of the dense model "
+        f"(other units: {others})"
+    )
 
 
 def metric_value(metrics: Mapping[str, Any], key: str) -> float:
@@ -179,10 +197,14 @@ class Constraint:
         if number is None:
             raise ConstraintError(f"constraint {text!r} has no number to compare with; {HELP}")
         amount = Decimal(number)
+        if not math.isfinite(float(amount)):
+            raise ConstraintError(f"constraint value must be finite, got {number!r} in {text!r}")
 
         if suffix == "":
             if forced_ratio:
                 relative = True
+            elif metric in _BASE_UNIT:
+                raise ConstraintError(_ambiguous(metric, _OPS[op], amount))
             elif metric in COST_METRICS:
                 relative = amount <= 1
             else:
@@ -243,15 +265,22 @@ class Constraint:
             return min(g, 0.0)
         return max(g, math.ulp(0.0))  # positive even when the quotient underflows
 
-    def __str__(self) -> str:
-        number = _number(self.value)
+    @property
+    def suffix(self) -> str:
+        """The suffix that says how the value is read: ``x`` for a ratio of the dense model,
+        ``J`` or ``s`` for absolute energy or latency, none otherwise."""
         if self.relative:
-            suffix = "x"
-        elif self.metric in _BASE_UNIT:
-            suffix = _BASE_UNIT[self.metric]
-        else:
-            suffix = ""
-        return f"{self.metric}{self.op}{number}{suffix}"
+            return "x"
+        return _BASE_UNIT.get(self.metric, "")
+
+    def format_value(self, value: float, digits: int | None = None) -> str:
+        """``value`` of the metric this constraint reads, written with its reading (``0.7x``,
+        ``0.003s``, ``1500000``): exactly, or to ``digits`` significant digits."""
+        number = _number(float(value)) if digits is None else f"{value:.{digits}g}"
+        return f"{number}{self.suffix}"
+
+    def __str__(self) -> str:
+        return f"{self.metric}{self.op}{self.format_value(self.value)}"
 
 
 def parse_constraints(

@@ -64,3 +64,8 @@ class TaskError(RankSearchError, ValueError):
 
 class DatasetNotFoundError(TaskError, FileNotFoundError):
     """A data set's folder or one of its files is missing; the message says how to get it."""
+
+
+class ExportError(RankSearchError, RuntimeError):
+    """A model cannot be written in the format asked, or the written file does not reproduce
+    it (then nothing is written)."""

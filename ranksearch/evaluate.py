@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -28,6 +29,12 @@ log = logging.getLogger(__name__)
 #: Called with (step, accuracy) at each intermediate validation; return False to stop early.
 Reporter = Callable[[int, float], bool]
 
+#: Device names a proxy accepts: a kind, optionally with an index ("cuda:1").
+DEVICE_KINDS = ("cpu", "cuda", "mps", "xpu", "meta")
+_DEVICE = re.compile(rf"^(?:{'|'.join(DEVICE_KINDS)})(?::\d+)?$")
+_DEVICE_HINTS = {"gpu": "'cuda' (or 'cuda:0')", "nvidia": "'cuda'", "cuda0": "'cuda:0'",
+                 "metal": "'mps'", "apple": "'mps'", "": "'cpu'"}
+
 
 @dataclass(frozen=True)
 class ProxySettings:
@@ -41,6 +48,8 @@ class ProxySettings:
     finite, or that exceeds ``diverge_factor`` times the first loss, fails the candidate.
     ``latency=True`` measures each candidate's median latency (batch 1, ``latency_repeats``
     runs) on the device; the search turns it on when a constraint or objective names latency.
+    ``device`` is "cpu", "cuda", "cuda:N", "mps" or "xpu" (a `torch.device` is taken too);
+    whether it is there is checked when a search starts (`ranksearch.checks.check_device`).
     """
 
     steps: int = 0
@@ -69,6 +78,7 @@ class ProxySettings:
             raise RankSearchError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
         if not 0 <= self.distill <= 1:
             raise RankSearchError(f"distill must be in [0, 1], got {self.distill}")
+        object.__setattr__(self, "device", device_name(self.device))
 
     def describe(self) -> str:
         if self.steps == 0:
@@ -78,6 +88,17 @@ class ProxySettings:
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def device_name(device: str | torch.device) -> str:
+    """``device`` as the name a proxy stores ("cpu", "cuda", "cuda:1", ...); an unknown name
+    raises, naming the one meant."""
+    text = str(device) if isinstance(device, torch.device) else device
+    if isinstance(text, str) and _DEVICE.match(text.strip().lower()):
+        return text.strip().lower()
+    hint = _DEVICE_HINTS.get(text.strip().lower()) if isinstance(text, str) else None
+    hint = hint or "one of 'cpu', 'cuda', 'cuda:N' (a GPU by index), 'mps' or 'xpu'"
+    raise RankSearchError(f"unknown device {device!r}; use {hint}")
 
 
 class CandidateFailed(RankSearchError):

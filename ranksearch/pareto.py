@@ -366,3 +366,71 @@ def best(
         )
 
     return min(pool, key=key)
+
+
+def _metric_words(metric: str) -> str:
+    """``"flops_ratio"`` → ``"flops ratio"``; other names as they are."""
+    return metric.replace("_ratio", " ratio") if metric.endswith("_ratio") else metric
+
+
+def describe_reference(
+    objectives: Iterable[str | Objective],
+    dense_metrics: Mapping[str, float] | None = None,
+    *,
+    scale: float = 1.0,
+    overrides: Mapping[str, float] | None = None,
+) -> str:
+    """The `reference_point` of the same arguments in words, e.g. ``"accuracy 0 and the dense
+    model's flops (2e+08)"``; the dense value is shown when ``dense_metrics`` holds it."""
+    objs = parse_objectives(objectives)
+    overrides = dict(overrides or {})
+    parts: list[str] = []
+    for o in objs:
+        name = _metric_words(o.metric)
+        if o.metric in overrides:
+            parts.append(f"{name} {float(overrides[o.metric]):.4g}")
+        elif o.direction == "max":
+            parts.append(f"{name} 0")
+        else:
+            factor = "" if scale == 1 else f"{scale:g} × "
+            known = metric_value(dense_metrics or {}, o.metric)
+            if math.isnan(known) and o.metric.endswith("_ratio"):
+                known = 1.0
+            value = "" if math.isnan(known) else f" ({known * scale:.4g})"
+            parts.append(f"{factor}the dense model's {name}{value}")
+    return parts[0] if len(parts) == 1 else f"{', '.join(parts[:-1])} and {parts[-1]}"
+
+
+def _box(objectives: Sequence[Objective], reference: Sequence[float]) -> float | None:
+    """The volume between ``reference`` and the ideal point (accuracy 1, every minimized metric
+    0); None when an objective has no known ideal (a maximized metric other than accuracy)."""
+    volume = 1.0
+    for o, ref in zip(objectives, reference, strict=True):
+        if o.direction == "max" and o.metric != "accuracy":
+            return None
+        volume *= (1.0 - ref) if o.direction == "max" else ref
+    return volume
+
+
+def describe_hypervolume(
+    value: float,
+    objectives: Iterable[str | Objective],
+    dense_metrics: Mapping[str, float] | None = None,
+    **reference: Any,
+) -> str:
+    """``"hypervolume 0.41 (of accuracy × flops ratio, against accuracy 0 and the dense
+    model's flops ratio (1))"``: the value, what it measures and its reference point
+    (``reference`` takes `reference_point`'s ``scale`` and ``overrides``). When the volume is
+    in absolute units, its share of the box between the reference and the ideal point
+    (accuracy 1 at no cost) follows: ``"...; 0.617 of the most possible"``."""
+    objs = parse_objectives(objectives)
+    product = " × ".join(_metric_words(o.metric) for o in objs)
+    text = f"hypervolume {value:.4g} (of {product}, against "
+    text += describe_reference(objs, dense_metrics, **reference)
+    try:
+        box = _box(objs, reference_point(objs, dense_metrics or {}, **reference))
+    except ConstraintError:
+        box = None
+    if box is not None and box > 0 and not math.isclose(box, 1.0):
+        text += f"; {value / box:.3g} of the most possible"
+    return text + ")"

@@ -43,6 +43,7 @@ def finetune(
     batch_size: int = 64,
     cache: FactorCache | None = None,
     events: list[Event] | None = None,
+    progress: bool = False,
 ) -> nn.Module:
     """A compressed copy of ``model`` with the layers of ``config``, fine-tuned on ``task``
     by ``schedule`` ("one-shot", "iterative" or "hybrid"); ``model`` is left untouched.
@@ -51,8 +52,9 @@ def finetune(
     ``cache`` (a `FactorCache` of ``model``) supplies the first decomposition, which starts
     from ``model``'s own weights; later ones decompose the current, fine-tuned weights.
     ``events``, when given, receives each step in order: ``("decompose", names)`` and
-    ``("finetune", epochs)``; the steps are also logged at INFO level. Returns the fine-tuned
-    model, in eval mode, with the architecture ``compress(model, config)`` has.
+    ``("finetune", epochs)``; the steps are also logged at INFO level. ``progress`` shows a
+    bar on stderr for each fine-tune ("fine-tune 2/5" in a multi-step schedule). Returns the
+    fine-tuned model, in eval mode, with the architecture ``compress(model, config)`` has.
     """
     if schedule not in SCHEDULES:
         raise RankSearchError(
@@ -77,7 +79,9 @@ def finetune(
         step = Config({n: config[n] for n in group})
         current = compress(current, step, cache=cache if i == 0 else None).to(device)
         _record(events, ("decompose", tuple(group)), schedule)
-        train_baseline(current, task, epochs=epochs, lr=lr, batch_size=batch_size)
+        desc = "fine-tune" if len(groups) == 1 else f"fine-tune {i + 1}/{len(groups)}"
+        train_baseline(current, task, epochs=epochs, lr=lr, batch_size=batch_size,
+                       progress=progress, desc=desc)
         _record(events, ("finetune", epochs), schedule)
     return current.eval()
 

@@ -14,6 +14,7 @@ import numpy as np
 from torch import nn
 from tqdm.auto import tqdm
 
+from .checks import check_task
 from .constraints import Constraint, parse_constraints
 from .cost import METRICS as PRICED
 from .cost import CostModel
@@ -64,9 +65,15 @@ class SearchResult:
         ref = reference_point(self.objectives, self.costs.metrics(Config()))
         return hypervolume(self.front(), self.objectives, ref)
 
-    def best(self, *constraints: str | Constraint, metric: str = "accuracy") -> Result | None:
-        """The most accurate result meeting ``constraints`` (the search's when none given)."""
-        return best(self.results, constraints or self.constraints, metric=metric)
+    def best(self, *constraints: str | Constraint | Sequence[str | Constraint],
+             metric: str = "accuracy") -> Result | None:
+        """The most accurate result meeting ``constraints`` (the search's when none given),
+        given one by one (``best("flops<=0.5", "params<=2M")``) or as one list, as `search`
+        takes them (``best(["flops<=0.5"])``)."""
+        if len(constraints) == 1 and isinstance(constraints[0], list | tuple):
+            constraints = tuple(constraints[0])
+        return best(self.results, parse_constraints(constraints) or self.constraints,
+                    metric=metric)
 
     def knee(self) -> Result | None:
         points = self.front()
@@ -130,6 +137,9 @@ def search(
     resumes another's results. ``retry_failed`` evaluates stored failures again (once per
     run). ``share_results`` reuses results of other studies in the store whose fingerprint is
     exactly this search's.
+
+    Before anything is written, the task is checked against the dense model on the proxy's
+    device (`ranksearch.checks.check_task`); its accuracy and loss are in ``meta["dense"]``.
     """
     if evaluations < 1:
         raise RankSearchError(f"evaluations must be at least 1, got {evaluations}")
@@ -155,13 +165,14 @@ def search(
     costs = CostModel(space)
     check_reachable(space, costs, cons)
     evaluator = Evaluator(model, task, proxy, space)
+    dense = check_task(model, task, proxy, evaluator)  # before anything is written
     url = store or default_url(out)
     name = study or study_name(task.name, strat.name, cons, objs, proxy, strategy_options, seed,
                                space, evaluator.fingerprint)
     run_meta = {"task": task.name, "strategy": strat.name,
                 "strategy_options": dict(strategy_options or {}),
                 "constraints": [str(c) for c in cons], "proxy": proxy.to_json(), "seed": seed,
-                "space": space.spec.to_json(), **dict(meta or {})}
+                "space": space.spec.to_json(), "dense": dense, **dict(meta or {})}
     db = Store(url, name, space, objs, meta=run_meta, fingerprint=evaluator.fingerprint,
                share=share_results)
     runner = get_executor(executor, **dict(executor_options or {}))
@@ -339,8 +350,8 @@ def check_reachable(space: RankSpace, costs: CostModel, constraints: Sequence[Co
             which = "cheapest" if c.op == "<=" else "dearest"
             raise ConstraintUnreachableError(
                 f"no configuration of the space meets {c}: the {which} reaches "
-                f"{c.metric} {metrics[c.key]:.4g}. Relax the constraint, allow lower ranks "
-                "(min_rank) or more factorizations (methods)."
+                f"{c.key} {c.format_value(metrics[c.key], 4)}. Relax the constraint, allow "
+                "lower ranks (min_rank) or more factorizations (methods)."
             )
     for low in (c for c in priced if c.op == ">="):
         for high in (c for c in priced if c.op == "<=" and c.metric == low.metric):

@@ -284,3 +284,9 @@ def read_fingerprint(url: str, study: str) -> Fingerprint | None:
     loaded = optuna.load_study(study_name=study, storage=open_storage(url))
     data = loaded.user_attrs.get("fingerprint")
     return None if data is None else Fingerprint.from_json(data)
+
+
+def read_objectives(url: str, study: str) -> list[str]:
+    """The objectives a stored search used (accuracy, flops for a study stored without)."""
+    loaded = optuna.load_study(study_name=study, storage=open_storage(url))
+    return list(loaded.user_attrs.get("objectives") or ["accuracy", "flops"])

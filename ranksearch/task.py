@@ -13,7 +13,10 @@ Built-in tasks, by name through `load_task`:
 
 No loader downloads anything. Baseline training (`train_baseline`) is AdamW with a per-step
 cosine learning-rate schedule down to zero; `pretrained` trains a reference model once and
-caches its weights.
+caches its weights per user (`default_cache_dir`: ``$RANKSEARCH_CACHE``, else
+``$XDG_CACHE_HOME/ranksearch/checkpoints``, else ``~/.cache/ranksearch/checkpoints``), after
+looking in the read-only folders of `checkpoint_dirs` (the checkout's committed
+``benchmarks/checkpoints``).
 """
 
 from __future__ import annotations
@@ -50,6 +53,9 @@ __all__ = [
     "REFERENCE_MODELS",
     "TASKS",
     "Task",
+    "checkpoint_dirs",
+    "checkpoint_name",
+    "default_cache_dir",
     "evaluate_accuracy",
     "load_cifar10",
     "load_digits",
@@ -570,13 +576,15 @@ def train_baseline(
     seed: int = 0,
     progress: bool = False,
     weight_decay: float = 5e-4,
+    desc: str | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place on ``task.train`` with AdamW (``lr``, ``weight_decay``) and a
     cosine learning-rate schedule, stepped per batch, from ``lr`` down to 0 over ``epochs``.
 
     Shuffling is seeded with ``seed`` and the global RNG state is left untouched. The model ends
-    in eval mode. Returns ``val_accuracy`` and ``val_loss`` (on ``task.val``), ``train_loss``
-    (mean of the last epoch), ``epochs``, ``steps`` and ``seconds``.
+    in eval mode. ``progress`` shows a bar on stderr, labelled ``desc`` (default "train
+    <task>"). Returns ``val_accuracy`` and ``val_loss`` (on ``task.val``), ``train_loss`` (mean
+    of the last epoch), ``epochs``, ``steps`` and ``seconds``.
     """
     if epochs < 1 or lr <= 0:
         raise TaskError(f"epochs must be ≥ 1 and lr > 0, got epochs={epochs}, lr={lr}")
@@ -588,7 +596,8 @@ def train_baseline(
     epoch_loss = 0.0
     with (
         torch.random.fork_rng(devices=[]),
-        tqdm(total=steps, disable=not progress, desc=f"train {task.name}", unit="batch") as bar,
+        tqdm(total=steps, disable=not progress, desc=desc or f"train {task.name}",
+             unit="batch") as bar,
     ):
         torch.manual_seed(seed)
         model.train()
@@ -625,12 +634,36 @@ TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "fashion-mnist": {"epochs": 5, "lr": 2e-3, "batch_size": 128},
     "cifar10": {"epochs": 30, "lr": 2e-3, "batch_size": 128},
 }
+# per (task, model): overrides of TRAIN_DEFAULTS; on Fashion-MNIST these are the options of the
+# checkpoints committed under benchmarks/checkpoints, so the command line finds them
+MODEL_TRAIN_DEFAULTS: dict[tuple[str, str], dict[str, Any]] = {
+    ("fashion-mnist", "resnet20"): {"epochs": 4},
+    ("fashion-mnist", "vgg-small"): {"epochs": 3},
+}
 _TRAIN_OPTIONS = ("epochs", "lr", "batch_size", "seed", "weight_decay")
 _BASELINE_DEFAULTS = {
     name: param.default
     for name, param in inspect.signature(train_baseline).parameters.items()
     if name in _TRAIN_OPTIONS
 }
+CACHE_ENV = "RANKSEARCH_CACHE"
+# the committed reference checkpoints of a source checkout (absent in an installed package)
+_CHECKOUT_CHECKPOINTS = Path(__file__).resolve().parent.parent / "benchmarks" / "checkpoints"
+
+
+def default_cache_dir() -> Path:
+    """Where `pretrained` caches reference models by default: ``$RANKSEARCH_CACHE``, else
+    ``$XDG_CACHE_HOME/ranksearch/checkpoints``, else ``~/.cache/ranksearch/checkpoints``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base).expanduser() / "ranksearch" / "checkpoints"
+
+
+def checkpoint_dirs() -> list[Path]:
+    """Read-only folders `pretrained` looks in before training: the committed
+    ``benchmarks/checkpoints`` when running from a source checkout."""
+    return [_CHECKOUT_CHECKPOINTS] if _CHECKOUT_CHECKPOINTS.is_dir() else []
 
 
 def _fingerprint(task: Task) -> str:
@@ -645,14 +678,25 @@ def _fingerprint(task: Task) -> str:
     return digest.hexdigest()
 
 
+def checkpoint_name(model_name: str, task: Task, task_name: str, options: dict[str, Any]) -> str:
+    """``{model}-{task}-{hash}.pt``, the hash covering the model, the task name, the training
+    options and the data."""
+    key = json.dumps(
+        {"model": model_name, "task": task_name, "options": options, "data": _fingerprint(task)},
+        sort_keys=True,
+    )
+    return f"{model_name}-{task_name}-{hashlib.sha256(key.encode()).hexdigest()[:12]}.pt"
+
+
 def pretrained(
     model_name: str | None,
     task_name: str,
-    cache_dir: str | Path,
+    cache_dir: str | Path | None = None,
     *,
     task: Task | None = None,
     root: str | Path | None = None,
     progress: bool = False,
+    search_dirs: Iterable[str | Path] | None = None,
     **train_options: Any,
 ) -> nn.Module:
     """The reference model ``model_name`` (default: `REFERENCE_MODELS` of the task, e.g.
@@ -661,10 +705,13 @@ def pretrained(
 
     The task is ``task`` or ``load_task(task_name, root)``; the model gets its channels
     (``input_shape[0]``) and classes. ``train_options`` (``epochs``, ``lr``, ``batch_size``,
-    ``seed``, ``weight_decay``; defaults from `TRAIN_DEFAULTS` and `train_baseline`) go to
-    `train_baseline`, with the model initialized from ``seed``. The first call trains and saves
-    ``{model}-{task}-{hash}.pt`` in ``cache_dir``, the hash covering the options and the data;
-    later calls load it without training.
+    ``seed``, ``weight_decay``; defaults from `TRAIN_DEFAULTS`, `MODEL_TRAIN_DEFAULTS` and
+    `train_baseline`) go to `train_baseline`, with the model initialized from ``seed``.
+    The weights are ``{model}-{task}-{hash}.pt`` (`checkpoint_name`: the hash covers the
+    options and the data), loaded from ``cache_dir`` (default: `default_cache_dir`) or from a
+    read-only folder of ``search_dirs`` (default: `checkpoint_dirs`) when one holds them;
+    otherwise the model is trained (a bar on stderr when ``progress``) and saved in
+    ``cache_dir``.
     """
     unknown = sorted(set(train_options) - set(_TRAIN_OPTIONS))
     if unknown:
@@ -676,26 +723,39 @@ def pretrained(
     model_name = model_name or REFERENCE_MODELS.get(task_name)
     if model_name is None:
         raise TaskError(f"task {task_name!r} has no reference model; name one explicitly")
-    options = _BASELINE_DEFAULTS | TRAIN_DEFAULTS.get(task_name, {}) | train_options
-    key = json.dumps(
-        {"model": model_name, "task": task_name, "options": options, "data": _fingerprint(task)},
-        sort_keys=True,
-    )
-    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    path = Path(cache_dir) / f"{model_name}-{task_name}-{digest}.pt"
+    options = (_BASELINE_DEFAULTS | TRAIN_DEFAULTS.get(task_name, {})
+               | MODEL_TRAIN_DEFAULTS.get((task_name, model_name), {}) | train_options)
+    name = checkpoint_name(model_name, task, task_name, options)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options["seed"])
         model = build_model(
             model_name, in_channels=task.input_shape[0], num_classes=task.num_classes
         )
-    if path.is_file():
-        log.info("loading cached %s", path)
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
+    folders = [cache, *(checkpoint_dirs() if search_dirs is None else map(Path, search_dirs))]
+    found = next((f / name for f in folders if (f / name).is_file()), None)
+    if found is not None:
+        log.info("loading cached %s", found)
+        state = torch.load(found, map_location="cpu", weights_only=True)["state_dict"]
+        model.load_state_dict(state)
         return model.eval()
     metrics = train_baseline(model, task, progress=progress, **options)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
-        torch.save({"state_dict": model.state_dict(), "options": options, "metrics": metrics}, tmp)
-    os.replace(tmp.name, path)  # atomic: a concurrent reader never sees half a file
-    log.info("cached %s (val accuracy %.4f)", path, metrics["val_accuracy"])
+    _save_checkpoint(cache / name, model, options, metrics)
     return model.eval()
+
+
+def _save_checkpoint(path: Path, model: nn.Module, options: dict[str, Any],
+                     metrics: dict[str, float]) -> None:
+    """Save the trained weights atomically; a cache folder that cannot be written is a warning
+    (the model is still returned, and trained again next time)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
+            torch.save({"state_dict": model.state_dict(), "options": options, "metrics": metrics},
+                       tmp)
+        os.replace(tmp.name, path)  # atomic: a concurrent reader never sees half a file
+    except OSError as e:
+        log.warning("cannot cache the trained reference model in %s (%s); set %s to a "
+                    "writable folder to keep it", path.parent, e, CACHE_ENV)
+        return
+    log.info("cached %s (val accuracy %.4f)", path, metrics["val_accuracy"])

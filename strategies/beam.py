@@ -12,7 +12,7 @@ import numpy as np
 from ranksearch import factorize
 from ranksearch.cost import METRICS as PRICED
 from ranksearch.errors import RankSearchError
-from ranksearch.space import Choice, Config
+from ranksearch.space import Choice, Config, method_for
 from ranksearch.strategy import SearchContext, StopSearch, Strategy
 
 log = logging.getLogger(__name__)
@@ -32,9 +32,11 @@ class _Child(NamedTuple):
 
 
 class Beam(Strategy):
-    """Beam search from full ranks down, scored by mini-batch accuracy without fine-tuning.
+    """Beam search from the top ranks down, scored by mini-batch accuracy without fine-tuning.
 
-    The beam starts at every site's full rank (``space.full(method)``). Each step, every member
+    The beam starts at the top of every site's grid for ``method`` (default: each site's
+    first; sites without it stay dense): its maximum rank, unless the grid stops short of it
+    where it would cost as much as the dense layer. Each step, every member
     has one child per site: that site's rank lowered by ``step`` grid steps (default:
     1/``moves`` of the site's grid, at least one step, so that each site reaches its lowest
     rank in about ``moves`` moves; ``step=1`` is the finest search and the slowest). The
@@ -43,7 +45,7 @@ class Beam(Strategy):
     scored by `Evaluator.quick_accuracy` on the first ``minibatches`` validation batches (not
     stored) and the best ``width`` kept. BSR keeps the most accurate candidates at each
     compression step; since our children differ in how much cost they save, they are ranked
-    by accuracy lost per unit of cost saved, both counted from the full-rank start (so the
+    by accuracy lost per unit of cost saved, both counted from the start (so the
     accuracy at the cost reached decides), ties going to the cheaper. Cost is the mean ratio to
     the dense model of the constrained metrics (else of the cost objectives, else FLOPs).
 
@@ -78,11 +80,12 @@ class Beam(Strategy):
         super().setup(ctx)
         if ctx.evaluator is None:
             raise RankSearchError("beam search scores candidates with the search's evaluator")
-        start = ctx.space.full(self.method)
-        if not start:
+        methods = {s.name: m for s in ctx.space.decomposable
+                   if (m := method_for(s, self.method)) is not None}
+        if not methods:
             raise RankSearchError(f"no layer of the space admits the method {self.method!r}")
-        self._names = tuple(start)
-        self._methods = tuple(start[n].method for n in self._names)
+        self._names = tuple(methods)
+        self._methods = tuple(methods.values())
         self._grids = tuple(ctx.space.ranks(n, m) for n, m in zip(self._names, self._methods,
                                                                    strict=True))
         self._steps = tuple(self.step or -(-len(g) // self.moves) for g in self._grids)
@@ -90,7 +93,7 @@ class Beam(Strategy):
         objectives = [o.metric for o in ctx.objectives if o.metric in PRICED]
         self._metrics = tuple(dict.fromkeys(constrained or objectives or ["flops"]))
         self._done = False
-        #: (config, quick accuracy) of the best member of each step, from full ranks down
+        #: (config, quick accuracy) of the best member of each step, from the grid tops down
         self.path: list[tuple[Config, float]] = []
         #: (config, quick accuracy) of the most accurate child that crossed the budget
         self.answer: tuple[Config, float] | None = None

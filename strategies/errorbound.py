@@ -9,13 +9,12 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 from ranksearch.cost import METRICS as PRICED
 from ranksearch.errors import RankSearchError
 from ranksearch.space import Choice, Config, Rank
 from ranksearch.strategy import SearchContext, StopSearch, Strategy
-from ranksearch.vbmf import PER_MATRIX, site_matrices
+from ranksearch.vbmf import PER_MATRIX, site_spectra
 
 from .vbmf import check_count, check_method, check_values, spectral_sites
 
@@ -29,11 +28,11 @@ class SpectralPath(Strategy):
     The last config of the path that meets the cost constraints (found by bisection) is
     proposed first, then ``count`` in all (default: the evaluation budget), spaced evenly in
     cost down to the path's start to trace the front below it (see `_spread`); all in one
-    ask. Without
-    constraints the whole path is spanned. Sites get ``method`` (default: their first); those
-    that do not admit it, and TT/TR sites, stay dense. The spectra are those of
-    `ranksearch.vbmf.site_matrices`: svd from ``ctx.cache.singular_values``, the others
-    computed from ``ctx.cache.weight`` once per setup.
+    ask. Without constraints the whole path is spanned. Sites get ``method`` (default: their
+    first); those that do not admit it, and TT/TR sites, stay dense. The spectra are those of
+    `ranksearch.vbmf.site_spectra` (per-group spectra pooled for grouped convolutions): svd
+    from ``ctx.cache.singular_values``, the others computed from ``ctx.cache.weight`` once
+    per setup.
     """
 
     def __init__(self, count: int | None = None, method: str | None = None,
@@ -61,6 +60,7 @@ class SpectralPath(Strategy):
             log.warning("%s: even the smallest ranks break %s; nothing to propose", self.name,
                         ", ".join(map(str, cons)))
             return
+        top = self.settle(top)
         self.chosen = self.fit(top)
         count = self.count or ctx.evaluations
         lead = [self.chosen] if self.chosen != self.path[top] else []
@@ -77,16 +77,19 @@ class SpectralPath(Strategy):
         """The configs of the path, cheapest first."""
         raise NotImplementedError
 
+    def settle(self, top: int) -> int:
+        """The path index the proposals start from, given the last feasible one."""
+        return top
+
     def fit(self, top: int) -> Config:
-        """The config proposed for the budget, given the last feasible path index."""
+        """The config proposed for the budget, given the path index from `settle`."""
         return self.path[top]
 
     def _spectra(self, name: str, method: str) -> tuple[np.ndarray, ...]:
         if method == "svd":
             return (self.ctx.cache.singular_values(name).cpu().numpy(),)
         site, weight = self.ctx.space.site(name), self.ctx.cache.weight(name)
-        return tuple(torch.linalg.svdvals(m).cpu().numpy()
-                     for m in site_matrices(site, weight, method))
+        return tuple(s.cpu().numpy() for s in site_spectra(site, weight, method))
 
     def components(self, name: str, rank: Rank) -> tuple[int, ...]:
         """The rank each matrix of the site is truncated at: tucker2 one component each, the
@@ -197,7 +200,13 @@ class PCAEnergy(SpectralPath):
         while (name := next(iter(self._ranked(steps)), None)) is not None:
             steps[name] += 1
             self._steps.append(dict(steps))
+        self._logs = [sum(self._gain[name][k] for name, k in s.items()) for s in self._steps]
         return [self._config(s) for s in self._steps]
+
+    def settle(self, top: int) -> int:
+        """The first path index that keeps as much energy as ``top``: the steps after it gain
+        none (a layer of zeros, a spectrum that ends early), so they would only add cost."""
+        return next(i for i in range(top + 1) if self._logs[i] >= self._logs[top])
 
     def fit(self, top: int) -> Config:
         steps = dict(self._steps[top])

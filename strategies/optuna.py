@@ -19,12 +19,12 @@ from typing import Any
 import numpy as np
 import optuna
 from optuna.trial import Trial, TrialState
+from ranksearch_strategies.nsga2 import MissingValues, objective_costs, site_choices
 
 from ranksearch.errors import RankSearchError
 from ranksearch.result import Result
 from ranksearch.space import Config
 from ranksearch.strategy import SearchContext, Strategy
-from strategies.nsga2 import MissingValues, objective_costs, site_choices
 
 if not hasattr(Trial, "set_constraint"):
     raise ImportError(f"the optuna strategy needs optuna>=5.0 (Trial.set_constraint); this is "

@@ -4,10 +4,11 @@ The environment is that of AMC (He, Lin, Liu, Wang, Li & Han, "AMC: AutoML for m
 compression and acceleration on mobile devices", ECCV 2018): an episode walks the sites in
 model order; the state of a site is its index, kind, channels, stride, kernel, its dense cost,
 the cost spent so far on the reduced sites and the dense cost left in the later ones (all
-scaled to [0, 1]) and the previous action; the action is the kept fraction of the site's
-maximum rank in [``a_min``, 1], mapped to the nearest grid rank; under a cost constraint each
-action is clamped so the budget stays reachable (AMC's action wall); the reward comes at the
-end of the episode from the evaluated accuracy.
+scaled to [0, 1]) and the previous action; the action is the kept fraction of the top of
+the site's grid (its maximum rank, unless the grid stops short of it where it would cost as
+much as the dense layer) in [``a_min``, 1], mapped to the nearest grid rank; under a cost
+constraint each action is clamped so the budget stays reachable (AMC's action wall); the
+reward comes at the end of the episode from the evaluated accuracy.
 
 The agent is REINFORCE with a recurrent policy and a moving-average baseline (Zoph & Le,
 "Neural architecture search with reinforcement learning", ICLR 2017) instead of AMC's DDPG: a
@@ -136,10 +137,10 @@ class RL(Strategy):
             [Choice(m, r) for r in space.ranks(s.name, m)]
             for s, m in zip(self.sites, methods, strict=True)
         ]
-        self.tops = [
-            np.atleast_1d(factorize.get(m).max_rank(s)).astype(float)
-            for s, m in zip(self.sites, methods, strict=True)
-        ]
+        # actions are fractions of the top of each grid, so that all of [a_min, 1] maps onto
+        # the grid even where it stops short of the maximum rank (where a rank would cost as
+        # much as the dense layer)
+        self.tops = [np.atleast_1d(grid[-1].rank).astype(float) for grid in self.grids]
         self.metric = cost_metric(ctx)
         self.constrained = bool(ctx.cost_constraints())
         self._cost: dict[tuple[str, Choice], float] = {}
@@ -220,7 +221,7 @@ class RL(Strategy):
         )
 
     def _nearest(self, t: int, action: float) -> int:
-        """The grid index whose rank is nearest ``action`` times the site's maximum rank."""
+        """The grid index whose rank is nearest ``action`` times the top of the site's grid."""
         return nearest_rank([c.rank for c in self.grids[t]], action * self.tops[t])
 
     def _wall(self, t: int, chosen: dict[str, Choice]) -> int:

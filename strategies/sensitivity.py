@@ -24,24 +24,27 @@ from ranksearch.strategy import SearchContext, Strategy, SweepStrategy
 class Sensitivity(Strategy):
     """Ranks proportional to each layer's accuracy loss when it alone is decomposed.
 
-    First one batch of probes: the dense model, and for every site a config with only that
-    site decomposed at a small rank (``probe_rank``, each tuple component capped at its
-    maximum, or else the grid rank nearest ``probe_fraction`` of the maximum rank). Probes are
-    ordinary evaluations under the search's proxy (the paper fine-tunes each for one epoch):
-    they count against the evaluation budget, are stored, and are reused by any later search
-    in the same store with the same proxy. A probe breaking a cost constraint is still
-    evaluated (it is a measurement, never a proposal). ``loss_l = max(acc_dense − acc_l,
-    epsilon)``; a probe that failed counts as accuracy 0.
+    First one batch of probes: the dense model, and for every site a config with only that site
+    decomposed at a small rank (``probe_rank``, each tuple component capped at its maximum, or
+    else the grid rank nearest ``probe_fraction`` of the maximum rank). Probes are ordinary
+    evaluations under the search's proxy (the paper fine-tunes each for one epoch): they count
+    against the evaluation budget, are stored, and are reused by a later search in the same
+    store that passes ``share_results=True`` and measures alike (same model, data, proxy and
+    space). A probe breaking a cost constraint is still evaluated (it is a measurement, never a
+    proposal).
+    ``loss_l = max(acc_dense − acc_l, epsilon)``; a probe that failed counts as accuracy 0.
 
-    Then one knob ``k`` sets the average rank of each group, ``r_avg = k · mean maximum rank``
-    for convolutions and for linear layers alike, and ``rank_l = loss_l / Σ loss · r_avg · L``
-    within the group (`allocate`). Ranks are measured along each site's grid line (for tuple
-    ranks such as tucker2's, the largest component; every component takes the same fraction
-    of its maximum) and rounded to the nearest grid rank; so ``k = 1`` is every site at full
-    rank. Like `SweepStrategy`, it proposes ``count`` configs (default: the evaluations left
-    after the probes) from the largest ``k`` that meets the cost constraints, fitted by
-    bisection, down to 0.02, or exactly the knobs in ``points``. ``method``: one
-    factorization for all sites (default: each site's first; sites without it stay dense).
+    Then one knob ``k`` sets the average rank of each group, ``r_avg = k · mean top rank`` for
+    convolutions and for linear layers alike, and ``rank_l = loss_l / Σ loss · r_avg · L``
+    within the group (`allocate`), each capped at the site's top rank: the top of its grid (its
+    maximum rank, unless the grid stops short of it where it would cost as much as the dense
+    layer). Ranks are measured along each site's grid line (for tuple ranks such as tucker2's,
+    the largest component; every component takes the same fraction of its top) and rounded to
+    the nearest grid rank; so ``k = 1`` is every site at the top of its grid. Like
+    `SweepStrategy`, it proposes ``count`` configs (default: the evaluations left after the
+    probes) from the largest ``k`` that meets the cost constraints, fitted by bisection, down to
+    0.02, or exactly the knobs in ``points``. ``method``: one factorization for all sites
+    (default: each site's first; sites without it stay dense).
     """
 
     name = "sensitivity"
@@ -85,13 +88,14 @@ class Sensitivity(Strategy):
         }
         if not self._methods:
             raise RankSearchError(f"no layer of the space admits the method {self.method!r}")
-        self._tops = {n: np.atleast_1d(factorize.get(m).max_rank(space.site(n)))
-                      for n, m in self._methods.items()}
+        # the top of each site's grid, which stops short of the maximum rank where that
+        # would cost as much as the dense layer: ranks are fractions of it, and it caps them
+        self._tops = {n: np.atleast_1d(space.ranks(n, m)[-1]) for n, m in self._methods.items()}
         self._groups = [names for kind in ("conv2d", "linear")
                         if (names := [n for n in self._methods if space.site(n).kind == kind])]
         probes = {Config(): "dense"}
         for name, method in self._methods.items():
-            top = self._tops[name]
+            top = np.atleast_1d(factorize.get(method).max_rank(space.site(name)))
             if self.probe_rank is None:
                 target = top * self.probe_fraction
             else:
@@ -133,7 +137,7 @@ class Sensitivity(Strategy):
         self._sweep.setup(self.ctx)
 
     def make(self, knob: float) -> Config:
-        """The config at knob ``k``: ``r_avg = k · mean maximum rank`` in each group."""
+        """The config at knob ``k``: ``r_avg = k · mean top rank`` in each group."""
         if self.losses is None:
             raise RankSearchError("the sensitivities are not known until the probes are told")
         choices = {}

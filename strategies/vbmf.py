@@ -15,15 +15,17 @@ log = logging.getLogger(__name__)
 
 
 class VBMF(SweepStrategy):
-    """Empirical VBMF ranks, and a sweep between them and full rank.
+    """Empirical VBMF ranks, and a sweep between them and the top of the grid.
 
     Each site's rank is the EVBMF rank of its matrices (`ranksearch.vbmf.site_vbmf_rank`:
     Nakajima et al., JMLR 2013), as Kim et al. ("Compression of deep convolutional neural
     networks for fast and low power mobile applications", ICLR 2016) chose Tucker-2 ranks.
     ``one_shot=True`` proposes only that config. Otherwise the knob is MUSCO's weakening
     factor w (Gusak et al., "Automated multi-stage compression of neural networks", ICCV
-    Workshops 2019): rank = vbmf + w·(max − vbmf) for w in [0, 1], swept from the largest w
-    that meets the budget down to 0 (``points``: exactly these w). When even the VBMF ranks
+    Workshops 2019): rank = vbmf + w·(top − vbmf) for w in [0, 1], top being the top of the
+    site's grid (its full rank, unless the grid stops short of it where it would cost as much
+    as the dense layer), swept from the largest w that meets the budget down to 0
+    (``points``: exactly these w). When even the VBMF ranks
     break the budget, the knob extends below VBMF: for w in [−1, 0) the ranks are
     vbmf·(1 + w), down to the grid minimum at w = −1 (one-shot then proposes the largest such
     w that fits). Ranks snap up to the site's grid, component by component. ``method``: one

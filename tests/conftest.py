@@ -13,6 +13,14 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def user_cache(tmp_path_factory):
+    """Reference models trained by the tests go to a scratch cache, never the user's."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RANKSEARCH_CACHE", str(tmp_path_factory.mktemp("user-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def digits():
     """The digits task (scikit-learn's digits, 1×8×8)."""

@@ -1,11 +1,11 @@
 import pytest
+from ranksearch_strategies.beam import Beam
 from test_sensitivity import two_path
 
 import ranksearch
 from ranksearch.errors import RankSearchError
 from ranksearch.evaluate import ProxySettings
 from ranksearch.space import Choice, Config
-from strategies.beam import Beam
 
 ZERO_SHOT = ProxySettings(steps=0)
 
@@ -49,11 +49,15 @@ def test_front_without_constraints_spreads_over_the_path(tmp_path):
     beam = Recording()
     result = search(model, task, tmp_path, strategy=beam, evaluations=3)
     path = [c for c, _ in beam.path]
-    assert len(path) == 16  # 2 sites × 8 moves of 2 grid steps
+    # each grid is svd:1..7 (from svd:8 on, a 16 × 16 layer costs as much as dense), so the
+    # beam starts at svd:7 on both sites and moves one grid step at a time
+    assert result.space.ranks("main", "svd") == result.space.ranks("side", "svd") == tuple(
+        range(1, 8))
+    assert len(path) == 12  # 2 sites × 6 moves of 1 grid step
     assert beam.answer is None
-    assert beam.asked == [path[0], path[8], path[15]]  # evenly spaced, both ends included
+    assert beam.asked == [path[0], path[6], path[11]]  # evenly spaced, both ends included
     assert path[-1] == Config({"main": Choice("svd", 1), "side": Choice("svd", 1)})
-    assert path[0] == Config({"main": Choice("svd", 16), "side": Choice("svd", 14)})
+    assert path[0] == Config({"main": Choice("svd", 7), "side": Choice("svd", 6)})
     assert len(result.front()) == 3
     # a re-run replays from the store
     again = search(model, task, tmp_path, evaluations=3)
@@ -65,7 +69,7 @@ def test_moves_sets_the_path_length(tmp_path):
     beam = Recording(moves=2)
     search(model, task, tmp_path, strategy=beam, evaluations=3)
     path = [c for c, _ in beam.path]
-    assert len(path) == 4  # 2 sites × 2 moves of 8 grid steps
+    assert len(path) == 4  # 2 sites × 2 moves of 4 grid steps
     assert path[-1] == Config({"main": Choice("svd", 1), "side": Choice("svd", 1)})
     with pytest.raises(RankSearchError, match="moves"):
         Beam(moves=0)

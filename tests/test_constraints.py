@@ -12,10 +12,12 @@ PARSE_TABLE = {
     "flops<=1": ("flops", "<=", 1.0, True, "flops_ratio"),
     "params<=2e6": ("params", "<=", 2e6, False, "params"),
     "macs<=1.5": ("macs", "<=", 1.5, False, "macs"),
-    "energy<=0.25": ("energy", "<=", 0.25, True, "energy_ratio"),
-    "energy<=3": ("energy", "<=", 3.0, False, "energy"),
-    "latency<=0.8": ("latency", "<=", 0.8, True, "latency_ratio"),
-    "latency<=2": ("latency", "<=", 2.0, False, "latency"),
+    # energy and latency take a unit or x/% (a bare number is ambiguous there)
+    "energy<=0.25x": ("energy", "<=", 0.25, True, "energy_ratio"),
+    "energy<=3J": ("energy", "<=", 3.0, False, "energy"),
+    "latency<=0.8x": ("latency", "<=", 0.8, True, "latency_ratio"),
+    "latency<=2s": ("latency", "<=", 2.0, False, "latency"),
+    "energy_ratio<=0.25": ("energy", "<=", 0.25, True, "energy_ratio"),
     # % and x force the ratio reading
     "flops<=50%": ("flops", "<=", 0.5, True, "flops_ratio"),
     "params<=0.3x": ("params", "<=", 0.3, True, "params_ratio"),
@@ -182,6 +184,13 @@ def test_tiny_violation_stays_positive():
         ("accuracy>=-0.1", "fraction in [0, 1]"),
         ("flops<=-0.2", "cannot be negative"),
         ("energy<=1e400", "finite"),
+        ("energy<=1e400J", "finite"),
+        ("energy<=2e-5", "energy<=2e-05 is ambiguous: write energy<=2e-05J for joules or "
+                         "energy<=2e-05x for a ratio of the dense model"),
+        ("energy<=3", "energy<=3 is ambiguous"),
+        ("latency<=0.002", "latency<=0.002 is ambiguous: write latency<=0.002s for seconds or "
+                           "latency<=0.002x for a ratio of the dense model (other units: ms, us)"),
+        ("latency>2", "latency>=2 is ambiguous"),
     ],
 )
 def test_bad_input_raises_clear_error(text, fragment):
@@ -247,3 +256,82 @@ def test_satisfies_all():
     assert not satisfies({"flops_ratio": 0.6, "accuracy": 0.95}, cons)
     assert not satisfies({"flops_ratio": 0.4, "accuracy": 0.85}, cons)
     assert satisfies({}, ())
+
+
+# -- through a search --------------------------------------------------------------------------
+def tiny():
+    import torch
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from ranksearch.task import Task
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3))
+    data = TensorDataset(torch.randn(24, 3, 4), torch.arange(24) % 3)
+    return model, Task("tiny", train=data, val=data)
+
+
+def tiny_search(out, **kw):
+    import ranksearch
+    from ranksearch.evaluate import ProxySettings
+
+    return ranksearch.search(*tiny(), out=str(out), evaluations=3, proxy=ProxySettings(steps=0),
+                             strategy_options={"points": [0.9, 0.5, 0.2]}, **kw)
+
+
+@pytest.mark.parametrize(
+    ("text", "fragment"),
+    [
+        ("energy<=2e-5", "energy<=2e-05 is ambiguous: write energy<=2e-05J for joules or "
+                         "energy<=2e-05x for a ratio of the dense model"),
+        ("latency<=0.002", "latency<=0.002 is ambiguous: write latency<=0.002s for seconds"),
+    ],
+)
+def test_search_refuses_a_bare_energy_or_latency_bound(tmp_path, text, fragment):
+    with pytest.raises(ConstraintError) as info:
+        tiny_search(tmp_path / "out", constraints=[text])
+    assert fragment in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_cli_refuses_a_bare_latency_bound(tmp_path, capsys):
+    from ranksearch.cli import main
+
+    factory = tmp_path / "user_task.py"
+    factory.write_text(
+        "import torch\nfrom torch import nn\nfrom torch.utils.data import TensorDataset\n"
+        "from ranksearch.task import Task\n\n"
+        "def make():\n"
+        "    data = TensorDataset(torch.randn(6, 3, 4), torch.tensor([0, 1, 2, 0, 1, 2]))\n"
+        "    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 3))\n"
+        "    return model, Task('mine', train=data, val=data)\n"
+    )
+    assert main(["search", "--task", f"{factory}:make", "--out", str(tmp_path / "out"),
+                 "--constraint", "latency<=0.002", "--no-progress", "--evaluations", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "latency<=0.002 is ambiguous" in err and "latency<=0.002x" in err
+    assert not (tmp_path / "out" / "ranksearch.db").exists()
+
+
+@pytest.mark.parametrize(
+    ("text", "reached"),
+    [("flops<=0.001", r"the cheapest reaches flops_ratio 0\.\d+x"),
+     ("energy<=1e-12J", r"the cheapest reaches energy [\d.e+-]+J")],
+)
+def test_unreachable_bounds_say_which_reading_was_used(tmp_path, text, reached):
+    from ranksearch.search import ConstraintUnreachableError
+
+    with pytest.raises(ConstraintUnreachableError, match=reached):
+        tiny_search(tmp_path, constraints=[text])
+
+
+def test_best_takes_constraints_one_by_one_or_as_a_list(tmp_path):
+    result = tiny_search(tmp_path)
+    by_list = result.best(["flops<=0.5"])
+    assert by_list is not None and by_list.metrics["flops_ratio"] <= 0.5
+    assert result.best("flops<=0.5") == by_list == result.best(("flops<=0.5",))
+    assert result.best(["flops<=0.5", "params<=0.5"]) == result.best("flops<=0.5",
+                                                                      "params<=0.5")
+    assert result.best() == result.best(list(result.constraints) or ())
+    assert result.best(["flops<=0.0001x"]) is None

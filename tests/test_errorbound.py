@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import torch
 from helpers import proposals
+from ranksearch_strategies.errorbound import ErrorBound, PCAEnergy
+from ranksearch_strategies.vbmf import VBMF
 from torch import nn
 
 import ranksearch
@@ -17,8 +19,6 @@ from ranksearch.evaluate import ProxySettings
 from ranksearch.pareto import parse_objectives
 from ranksearch.space import Choice, Config, RankSpace
 from ranksearch.strategy import SearchContext, fit_to_budget, load_strategy
-from strategies.errorbound import ErrorBound, PCAEnergy
-from strategies.vbmf import VBMF
 
 BUDGETS = ["flops<=0.3", "flops<=0.5", "params<=0.4"]
 
@@ -75,13 +75,23 @@ def reference(parts, digits_model):
 
 
 def reference_config(space, reference, eps):
+    """Every component at its smallest grid value whose error is at most ``eps``; at the top
+    of its grid where none is (the grid stops below full rank where full rank would cost as
+    much as the dense layer, so its top need not be exact)."""
     choices = {}
     for name, tables in reference.items():
-        parts = tuple(min(v for v, e in zip(values, errs, strict=True) if e <= eps)
+        parts = tuple(min((v for v, e in zip(values, errs, strict=True) if e <= eps),
+                          default=values[-1])
                       for values, errs in tables)
         choices[name] = Choice(space.site(name).methods[0],
                                parts[0] if len(parts) == 1 else parts)
     return Config(choices)
+
+
+def grid_end(space, i):
+    """Every site at rank ``i`` of its first method's grid (0: the bottom, -1: the top)."""
+    return Config({n: Choice(m, space.ranks(n, m)[i])
+                   for n in space.names for m in space.site(n).methods[:1]})
 
 
 @pytest.mark.parametrize("budget", BUDGETS)
@@ -102,14 +112,21 @@ def test_error_bound_is_tight_and_meets_the_budget(parts, reference, budget):
     assert chosen == reference_config(space, reference, breakpoints[k])
     assert not con.satisfied(costs.metrics(reference_config(space, reference, breakpoints[k + 1])))
     assert strategy.breakpoints == pytest.approx(breakpoints)
-    # every site holds the bound, at the smallest grid rank that does
+    # every component holds the bound, at the smallest grid value that does; one that no
+    # grid value holds (the grid stops short of full rank, where it costs as much as dense)
+    # sits at the top of its grid
     eps = breakpoints[k]
     for name, choice in chosen.items():
-        assert strategy.error(name, choice.rank) <= eps
         ranks = choice.rank if isinstance(choice.rank, tuple) else (choice.rank,)
+        errors = []
         for (values, errs), r in zip(reference[name], ranks, strict=True):
             i = values.index(r)
-            assert i == 0 or errs[i - 1] > eps
+            if errs[i] <= eps:
+                assert i == 0 or errs[i - 1] > eps
+            else:
+                assert i == len(values) - 1 and min(errs) > eps
+            errors.append(errs[i])
+        assert strategy.error(name, choice.rank) == pytest.approx(max(errors))
 
 
 def test_error_bound_traces_a_front(parts):
@@ -118,9 +135,10 @@ def test_error_bound_traces_a_front(parts):
     configs = proposals(strategy)
     flops = [costs.metrics(c)["flops"] for c in configs]
     assert len(configs) == 12 and all(a > b for a, b in itertools.pairwise(flops))
-    assert configs[0] == space.full()  # ε = 0 keeps every component
-    assert configs[-1] == Config({n: Choice(space.site(n).methods[0], space.ranks(
-        n, space.site(n).methods[0])[0]) for n in space.names})
+    # the smallest ε puts every site at the top of its grid (short of full rank where that
+    # would cost as much as the dense layer), the largest at its bottom
+    assert configs[0] == grid_end(space, -1) != space.full()
+    assert configs[-1] == grid_end(space, 0)
     fixed = started(ErrorBound(thresholds=[0.3, 0.1]), context(parts))
     assert proposals(fixed) == [strategy.config_at(0.1), strategy.config_at(0.3)]
 
@@ -161,15 +179,19 @@ def test_pca_energy_meets_the_budget_and_beats_uniform(parts, digits_model, budg
     assert energy >= kept_energy(digits_model, space, uniform)
 
 
-def test_pca_energy_path_rises_in_energy_and_cost(parts):
-    costs = parts[1]
+def test_pca_energy_path_rises_in_energy_and_cost(parts, digits_model):
+    space, costs, _ = parts
     strategy = started(PCAEnergy(metric="params"), context(parts))
     path = strategy.path
     params = [costs.metrics(c)["params"] for c in path]
     energy = [strategy.energy(c) for c in path]
     assert all(a < b for a, b in itertools.pairwise(params))
     assert all(a <= b * (1 + 1e-12) for a, b in itertools.pairwise(energy))
-    assert energy[-1] == pytest.approx(1.0) and energy[0] < 0.2
+    # from every site at the bottom of its grid to every site at the top (short of full
+    # rank where that would cost as much as the dense layer, so some energy is left out)
+    assert path[0] == grid_end(space, 0) and path[-1] == grid_end(space, -1)
+    assert energy[-1] == pytest.approx(kept_energy(digits_model, space, path[-1]), rel=1e-9)
+    assert 0.5 < energy[-1] < 1.0 and energy[0] < 0.2
     configs = proposals(strategy)
     spent = [costs.metrics(c)["params"] for c in configs]
     assert len(configs) == 12 and configs[0] == path[-1]
@@ -206,9 +228,12 @@ def test_zero_layer_and_tt_sites(caplog):
     mixed = RankSpace(sites, model_params=space.model_params)
     mixed_parts = (mixed, CostModel(mixed), FactorCache(model, mixed))
     for strategy in (ErrorBound(), PCAEnergy(), VBMF()):
-        with caplog.at_level("INFO", logger="strategies"):
+        with caplog.at_level("INFO", logger="ranksearch_strategies"):
             config = proposals(started(strategy, context(mixed_parts)))[0]
-        assert "0" not in config and config["2"] == Choice("svd", 6), strategy.name
+        # unconstrained, "2" (8 → 6) goes to the top of its grid: svd:3, the largest rank
+        # that costs less than the dense layer
+        assert mixed.ranks("2", "svd")[-1] == 3
+        assert "0" not in config and config["2"] == Choice("svd", 3), strategy.name
     assert "0 stays dense (tt ranks are not matrix ranks)" in caplog.text
     tt = RankSpace.discover(model, torch.zeros(1, 12), methods=["tt"])
     with pytest.raises(RankSearchError, match="spectrum"):
@@ -226,5 +251,8 @@ def test_end_to_end_search(digits_model, digits, tmp_path, strategy):
     free = ranksearch.search(digits_model, digits, strategy=strategy, evaluations=3,
                              proxy=proxy, out=str(tmp_path / "free"))
     assert len(free.front()) >= 2
-    assert math.isclose(max(r.metrics["flops_ratio"] for r in free.results),
-                        CostModel(free.space).metrics(free.space.full())["flops_ratio"])
+    # the front reaches the top of every grid, which costs less than the dense model (the
+    # full ranks would cost more)
+    top = CostModel(free.space).metrics(grid_end(free.space, -1))["flops_ratio"]
+    assert math.isclose(max(r.metrics["flops_ratio"] for r in free.results), top)
+    assert top < 1 < CostModel(free.space).metrics(free.space.full())["flops_ratio"]

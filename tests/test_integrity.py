@@ -247,41 +247,43 @@ def test_csv_json_and_table_show_the_same_front(digits_model, tmp_path, capsys):
 
 # -- failures ---------------------------------------------------------------------------------
 class Flaky:
-    """A loss that raises while ``broken`` is set (a fault outside the config)."""
+    """A loss that raises in training while ``broken`` is set (a fault outside the config,
+    which the check of the dense model before the search does not meet)."""
 
     broken = True
 
     def __call__(self, out, y):
-        if Flaky.broken:
+        if Flaky.broken and out.requires_grad:
             raise ValueError("the device is not ready")
         return nn.functional.cross_entropy(out, y)
 
 
 def test_retry_failed_evaluates_stored_failures_again(digits_model, digits, tmp_path):
     task = dataclasses.replace(digits, loss=Flaky())
-    first = run(digits_model, task, tmp_path, study="flaky")
+    first = run(digits_model, task, tmp_path, study="flaky", proxy=TUNE)
     assert [r.status for r in first.results] == ["failed", "failed"]
     Flaky.broken = False
     try:
-        replay = run(digits_model, task, tmp_path, study="flaky")
+        replay = run(digits_model, task, tmp_path, study="flaky", proxy=TUNE)
         assert replay.evaluated == 0 and all(r.status == "failed" for r in replay.results)
-        retry = run(digits_model, task, tmp_path, study="flaky", retry_failed=True)
+        retry = run(digits_model, task, tmp_path, study="flaky", retry_failed=True, proxy=TUNE)
         assert retry.evaluated == 2 and all(r.ok for r in retry.results)
-        later = run(digits_model, task, tmp_path, study="flaky")
+        later = run(digits_model, task, tmp_path, study="flaky", proxy=TUNE)
         assert later.evaluated == 0 and [r.metrics["accuracy"] for r in later.results] == [
             r.metrics["accuracy"] for r in retry.results]
     finally:
         Flaky.broken = True
 
 
-def test_nan_weights_then_fixed_weights_are_two_measurements(digits_model, digits, tmp_path):
+def test_nan_weights_are_refused_before_anything_is_stored(digits_model, digits, tmp_path):
     broken = ranksearch.surgery.clone_module(digits_model)
     with torch.no_grad():
         broken.classifier[3].weight.fill_(float("nan"))
-    bad = run(broken, digits, tmp_path)
-    assert all(r.status == "failed" for r in bad.results)
+    with pytest.raises(ranksearch.errors.TaskError, match="not finite"):
+        run(broken, digits, tmp_path)
+    assert ranksearch.store.list_studies(f"sqlite:///{tmp_path / 'ranksearch.db'}") == []
     good = run(digits_model, digits, tmp_path)
-    assert good.study != bad.study and good.evaluated == 2 and all(r.ok for r in good.results)
+    assert good.evaluated == 2 and all(r.ok for r in good.results)
 
 
 # -- export -----------------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 import numpy as np
 import pytest
 import torch
+from ranksearch_strategies.baselines import Random
+from ranksearch_strategies.nsga2 import NSGA2, MissingValues, narrow, site_choices
 from torch import nn
 
 import ranksearch
@@ -13,8 +15,6 @@ from ranksearch.pareto import Objective, front, hypervolume, parse_objectives
 from ranksearch.result import Result
 from ranksearch.space import Choice, Config, RankSpace
 from ranksearch.strategy import SearchContext, StopSearch, Strategy
-from strategies.baselines import Random
-from strategies.nsga2 import NSGA2, MissingValues, narrow, site_choices
 
 OBJECTIVES = ("accuracy", "flops")
 WEIGHTS = (0.3, 0.2, 0.1, 0.05, 0.02)
@@ -23,10 +23,15 @@ WEIGHTS = (0.3, 0.2, 0.1, 0.05, 0.02)
 @pytest.fixture(scope="module")
 def synthetic():
     """Five 32×32 linear layers with 8 SVD ranks each (9 choices with dense: 59,049 configs)
-    and accuracy = 1 − Σ w_l (1 − r_l/32)²; dense counts as full rank."""
+    and accuracy = 1 − Σ w_l (1 − r_l/32)²; dense counts as full rank.
+
+    The space keeps the ranks that cost as much as the dense layer (``dearer=True``: 19 to
+    32), so that NSGA2's own filter (`site_choices`, ``cheaper``) has them to leave out,
+    leaving it the 4 cheaper ranks and dense, while the random baseline draws from all 9."""
     torch.manual_seed(0)
     model = nn.Sequential(*(nn.Linear(32, 32) for _ in WEIGHTS))
-    space = RankSpace.discover(model, torch.zeros(1, 32), max_choices=8)
+    space = RankSpace.discover(model, torch.zeros(1, 32), max_choices=8, dearer=True)
+    assert all(space.ranks(n, "svd") == (1, 5, 10, 14, 19, 23, 28, 32) for n in space.names)
     weights = dict(zip(space.names, WEIGHTS, strict=True))
 
     def accuracy(config: Config) -> float:
@@ -94,7 +99,8 @@ def test_exact_front_is_exact(synthetic):
     exact = exact_front(synthetic)
     rng = np.random.default_rng(1)
     for _ in range(300):  # no sampled config beats the exact front
-        config = Config({n: space.choices(n)[rng.integers(9)] for n in space.names})
+        config = Config({n: space.choices(n)[rng.integers(len(space.choices(n)))]
+                         for n in space.names})
         acc, flops = accuracy(config), costs.metrics(config)["flops"]
         assert not ((exact[:, 0] <= acc) & (exact[:, 1] >= flops)
                     & ((exact[:, 0] < acc) | (exact[:, 1] > flops))).any()

@@ -78,17 +78,33 @@ def test_format_config_is_compact_and_elided():
     assert len(cut) == 12
 
 
-def table_rows(table):
-    """The data rows of a front table, each split into its cells (cells are separated by
-    two or more spaces; the config is the last cell)."""
+def all_rows(table):
+    """Every row of a front table under its dashes (the dense one first), split into cells
+    (separated by two or more spaces; the config is the last cell, its continuation lines
+    joined to it)."""
     lines = table.splitlines()
     start = next(i for i, line in enumerate(lines) if set(line) <= {"-", " "} and line) + 1
     rows = []
     for line in lines[start:]:
         if not line or line.startswith("("):
             break
+        if line.startswith("   ") and not line.strip()[0].isdigit() and line.strip()[0] != "-":
+            rows[-1][-1] += " " + line.strip()
+            continue
         rows.append(re.split(r"\s{2,}", line.strip()))
     return rows
+
+
+def table_rows(table):
+    """The rows of the front results (`all_rows` but the dense one)."""
+    rows = all_rows(table)
+    assert rows[0][-1] == "dense (reference)"
+    return rows[1:]
+
+
+def summary(table):
+    """The line counting the evaluations by status."""
+    return next(line for line in table.splitlines() if " evaluation" in line and ": " in line)
 
 
 def test_front_table_lists_the_front_in_cost_order():
@@ -102,7 +118,7 @@ def test_front_table_lists_the_front_in_cost_order():
     assert [row[0] for row in rows] == ["0.7000", "0.8000", "0.9000"]
     assert rows[0][1:4] == ["100k (0.100x)", "0.120x", "0.150x"]
     assert rows[2][1:4] == ["600k (0.600x)", "0.650x", "0.700x"]
-    assert table.splitlines()[-1] == "7 evaluations: 4 ok, 2 failed, 1 pruned"
+    assert summary(table) == "7 evaluations: 4 ok, 2 failed, 1 pruned"
 
 
 def test_front_table_applies_constraints_and_shows_extra_objectives():
@@ -117,19 +133,20 @@ def test_front_table_applies_constraints_and_shows_extra_objectives():
     assert [row[4] for row in rows] == ["0.3", "0.2"]
 
 
-def test_front_table_elides_long_configs_and_handles_an_empty_front():
+def test_front_table_wraps_long_configs_and_handles_an_empty_front():
     many = Config({f"layer{i}": Choice("svd", 8) for i in range(20)})
     rs = [Result(many, metrics(0.5, 0.5, 0.5)), Result(cfg(2), {}, "failed", "boom")]
-    rows = table_rows(report.front_table(rs, OBJECTIVES, config_width=30))
+    table = report.front_table(rs, OBJECTIVES, config_width=30)
+    rows = table_rows(table)
     assert len(rows) == 1
-    assert rows[0][-1].endswith("...")
-    assert len(rows[0][-1]) == 30
+    assert rows[0][-1] == report.format_config(many)  # every layer, over continuation lines
+    assert max(len(line) for line in report.wrap_config(many, 30)) <= 30
     assert rows[0][3] == "-"  # no energy metric
 
     empty = report.front_table(rs, OBJECTIVES, ["accuracy>=0.9"])
     assert table_rows(empty) == []
     assert "(no result on the front)" in empty
-    assert empty.splitlines()[-1] == "2 evaluations: 1 ok, 1 failed, 0 pruned"
+    assert summary(empty) == "2 evaluations: 1 ok, 1 failed, 0 pruned"
     single = report.front_table(rs[:1], OBJECTIVES)
     assert single.splitlines()[-1] == "1 evaluation: 1 ok, 0 failed, 0 pruned"
 
@@ -322,7 +339,7 @@ def test_front_figure_draws_constraints_on_their_axis_only():
     bounds = ["flops<=0.5", "params<=3e5", "energy<=0.4x"]
     # the absolute params bound is drawn at 3e5 / 1e6 dense params
     assert dashed(report.front_figure(runs, "params", OBJECTIVES, bounds)) == [
-        ("params<=300000", [0.3, 0.3], [0, 1])
+        ("params<=300000 (0.3×)", [0.3, 0.3], [0, 1])
     ]
     assert dashed(report.front_figure(runs, "flops", OBJECTIVES, bounds)) == [
         ("flops<=0.5x", [0.5, 0.5], [0, 1])

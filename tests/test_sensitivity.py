@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from ranksearch_strategies.sensitivity import Sensitivity, allocate
 from torch import nn
 from torch.utils.data import TensorDataset
 
@@ -9,7 +10,6 @@ from ranksearch.errors import RankSearchError
 from ranksearch.evaluate import ProxySettings
 from ranksearch.space import Choice, Config
 from ranksearch.task import Task
-from strategies.sensitivity import Sensitivity, allocate
 
 ZERO_SHOT = ProxySettings(steps=0)
 
@@ -92,8 +92,10 @@ def test_higher_rank_where_compression_hurts_and_probes_are_reused(tmp_path):
     assert len(proposals) == 3 and all(c["main"].rank >= c["side"].rank for c in proposals)
     assert proposals[0] == Config({"main": Choice("svd", 7), "side": Choice("svd", 1)})
     assert first.best().metrics["accuracy"] > 0.3
-    # another budget, same store: every probe comes from the store
-    second = search(model, task, tmp_path, constraints=["flops<=0.3"], evaluations=6)
+    # another budget, same store, sharing results between studies: every probe comes from
+    # the store
+    second = search(model, task, tmp_path, constraints=["flops<=0.3"], evaluations=6,
+                    share_results=True)
     assert second.study != first.study
     again = {r.config: r for r in second.results}
     assert all(again[p] == results[p] for p in probes)
@@ -129,8 +131,14 @@ def test_meets_the_budget_within_one_rank_step(digits_model, digits, tmp_path):
     steps = {n: index(above, n) - index(top, n) for n in space.names}
     assert sorted(steps.values()) == [0, 0, 0, 0, 1]  # one grid step at one site
     # separate averages: each group's ranks sum to k · Σ of its maximum ranks (up to rounding)
-    for group, sizes in ((("features.0", "features.3", "features.7"), (9, 32, 64)),
-                         (("classifier.1", "classifier.3"), (64, 10))):
+    # (the maximum ranks are 9, 32, 64 and 64, 10; each grid stops short of its maximum,
+    # where it would cost as much as the dense layer, and the top of the grid is the cap)
+    tops = {n: max(np.atleast_1d(space.ranks(n, space.site(n).methods[0])[-1]))
+            for n in space.names}
+    assert tops == {"features.0": 5, "features.3": 27, "features.7": 55,
+                    "classifier.1": 60, "classifier.3": 8}
+    for group, sizes in ((("features.0", "features.3", "features.7"), (5, 27, 55)),
+                         (("classifier.1", "classifier.3"), (60, 8))):
         total = sum(max(np.atleast_1d(top[n].rank)) for n in group)
         assert abs(total - lo * sum(sizes)) <= 0.5 * len(group)
 
@@ -143,7 +151,14 @@ def test_front_without_constraints(digits_model, digits, tmp_path):
     swept = [r for r in result.results if len(r.config) == 5]
     flops = [r.metrics["flops_ratio"] for r in swept]
     assert len(swept) == 4 and flops == sorted(flops, reverse=True)
-    assert flops[0] > 1.0 > 0.1 > flops[-1]  # from full ranks (k = 1) down to k = 0.02
+    # from the top of every grid (k = 1: short of full rank, which would cost more than the
+    # dense model) down to k = 0.02
+    space = result.space
+    top = Config({n: Choice(m, space.ranks(n, m)[-1])
+                  for n in space.names for m in space.site(n).methods[:1]})
+    assert swept[0].config == top
+    assert 1.0 > flops[0] > 0.9 and flops[-1] < 0.1
+    assert result.costs.metrics(space.full())["flops_ratio"] > 1.0
 
 
 def test_probe_rank_and_method(digits_model, digits, tmp_path):
@@ -155,8 +170,11 @@ def test_probe_rank_and_method(digits_model, digits, tmp_path):
         strategy.make(0.5), strategy.make(0.25),
     ]
     assert set(strategy.make(0.5)) == {"classifier.1", "classifier.3"}  # convs stay dense
-    # r_avg = 0.5 · mean(64, 10), so the two ranks sum to 0.5 · (64 + 10) = 37
-    assert strategy.make(0.5)["classifier.1"].rank + strategy.make(0.5)["classifier.3"].rank == 37
+    # r_avg = 0.5 · mean(60, 8), the tops of the grids (the maximum ranks 64 and 10 would
+    # cost as much as the dense layers), so the two ranks sum to 0.5 · (60 + 8) = 34
+    assert strategy.make(1.0) == Config({"classifier.1": Choice("svd", 60),
+                                         "classifier.3": Choice("svd", 8)})
+    assert strategy.make(0.5)["classifier.1"].rank + strategy.make(0.5)["classifier.3"].rank == 34
 
 
 @pytest.mark.parametrize("options, message", [

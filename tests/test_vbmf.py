@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import torch
 from helpers import proposals
+from ranksearch_strategies.vbmf import VBMF
+from torch import nn
 
 import ranksearch
 from ranksearch.cache import FactorCache
@@ -12,11 +14,11 @@ from ranksearch.constraints import parse_constraints
 from ranksearch.cost import CostModel
 from ranksearch.errors import NotAdmittedError, RankSearchError
 from ranksearch.evaluate import ProxySettings
+from ranksearch.factorize import get
 from ranksearch.pareto import parse_objectives
 from ranksearch.space import Choice, Config, RankSpace
 from ranksearch.strategy import SearchContext, load_strategy
 from ranksearch.vbmf import evbmf, site_matrices, site_vbmf_rank, snap, tau_bar, unfold
-from strategies.vbmf import VBMF
 
 ZERO_SHOT = ProxySettings(steps=0, eval_batches=2)
 
@@ -196,11 +198,18 @@ def test_weakening_sweep_is_monotone_from_below_vbmf_to_full(parts):
     flops = [costs.metrics(c)["flops"] for c in configs]
     params = [costs.metrics(c)["params"] for c in configs]
     assert flops == sorted(flops) and params == sorted(params) and flops[0] < flops[-1]
-    assert configs[-1] == space.full()
+    # w = 1 puts every site at the top of its grid: its full rank, or short of it where full
+    # rank would cost as much as the dense layer (here it does: the full ranks cost more than
+    # the dense model)
+    top = Config({n: Choice(m, space.ranks(n, m)[-1])
+                  for n in space.names for m in space.site(n).methods[:1]})
+    assert configs[-1] == top
+    dense = costs.metrics(Config())["flops"]
+    assert flops[-1] < dense < costs.metrics(space.full())["flops"]
     assert configs[20] == vbmf_config(strategy, space)
     assert all(c.rank == space.ranks(n, c.method)[0] for n, c in configs[0].items())
     swept = proposals(strategy)
-    assert len(swept) == 12 and swept[0] == space.full() and swept[-1] == configs[20]
+    assert len(swept) == 12 and swept[0] == top and swept[-1] == configs[20]
     cost = [costs.metrics(c)["flops"] for c in swept]
     assert all(a > b for a, b in itertools.pairwise(cost))
 
@@ -250,3 +259,21 @@ def test_end_to_end_search(digits_model, digits, tmp_path):
                              strategy_options={"one_shot": True}, proxy=ZERO_SHOT,
                              out=str(tmp_path / "shot"))
     assert len(shot.results) == 1 and shot.stopped == "strategy finished" and shot.front()
+
+
+def test_grouped_spectra_pool_the_groups_and_rank_per_group():
+    from ranksearch.vbmf import group_matrices, site_spectra
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(8, 12, 3, groups=4)
+    space = RankSpace.discover(nn.Sequential(conv), torch.zeros(1, 8, 6, 6),
+                               methods=["svd", "tucker2"])
+    site = space.site("0")
+    per_group = [torch.linalg.svdvals(m[0]) for m in group_matrices(site, conv.weight, "svd")]
+    (pooled,) = site_spectra(site, conv.weight, "svd")
+    assert len(pooled) == get("svd").max_rank(site) == 3
+    for r in range(len(pooled)):  # truncating every group at r drops groups × the pooled tail
+        dropped = sum(float((s[r:] ** 2).sum()) for s in per_group)
+        assert 4 * float((pooled[r:] ** 2).sum()) == pytest.approx(dropped, rel=1e-12)
+    rank = site_vbmf_rank(site, conv.weight, "tucker2", space.ranks("0", "tucker2"))
+    assert all(1 <= r <= t for r, t in zip(rank, get("tucker2").max_rank(site), strict=True))

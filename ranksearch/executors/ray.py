@@ -30,7 +30,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.metadata import packages_distributions
 from typing import TYPE_CHECKING, Any
 
@@ -696,10 +696,31 @@ def _evaluator(payload: _Payload) -> Callable[..., Result]:
     if found is None:
         parts = ray.get(payload.ref[0])
         torch.set_num_threads(payload.threads)
-        found = Evaluator(*parts) if isinstance(parts, tuple) else parts
+        if isinstance(parts, tuple):
+            model, task, settings, *rest = parts
+            found = Evaluator(model, task, _worker_settings(settings), *rest)
+        else:
+            found = parts
         _EVALUATORS.clear()
         _EVALUATORS[payload.key] = found
     return found
+
+
+def _worker_settings(settings: ProxySettings) -> ProxySettings:
+    """The proxy settings on this worker: a CUDA proxy runs on the GPU Ray assigned to it,
+    whatever index the driver named. Ray makes only the assigned GPUs visible
+    (``CUDA_VISIBLE_DEVICES``), so that GPU is usually ``cuda:0`` here. The fingerprint comes
+    from the driver, so results stay comparable."""
+    ids = [str(i) for i in ray.get_gpu_ids()]
+    if not settings.device.startswith("cuda") or not ids:
+        return settings
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:  # Ray left every GPU visible: address the assigned one by its id
+        index = int(ids[0]) if ids[0].isdigit() else 0
+    else:
+        order = [v.strip() for v in visible.split(",")]
+        index = order.index(ids[0]) if ids[0] in order else 0
+    return replace(settings, device=f"cuda:{index}")
 
 
 def _trial(params: dict[str, Any], payload: _Payload, intermediate: bool) -> None:

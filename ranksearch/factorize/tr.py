@@ -59,6 +59,9 @@ class TRLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.in_modes, self.out_modes = tuple(in_modes), tuple(out_modes)
+        # the in-mode after each core (1 after the last): a tuple read at index k only, so a
+        # saved TorchScript file never holds an out-of-range constant index
+        self.next_ins = (*self.in_modes[1:], 1)
         self.ranks = tuple(ranks)
         self.in_features, self.out_features = prod(self.in_modes), prod(self.out_modes)
         ring, d = self.ranks[0], len(self.in_modes)
@@ -80,9 +83,9 @@ class TRLinear(nn.Module):
         for k, layer in enumerate(self.cores):
             if k == 0:  # → (B·r_0, I_2, ∏I_{>2}, O_1, r_1): the ring index rides as batch
                 y = layer(z.transpose(1, 2)).unflatten(2, [ring, -1]).transpose(1, 2)
-                z = next_state(y.flatten(0, 1).unsqueeze(2), outs[0], ins[1])
+                z = next_state(y.flatten(0, 1).unsqueeze(2), outs[0], self.next_ins[0])
             elif k < d - 1:
-                z = next_state(layer(core_rows(z)), outs[k], ins[k + 1])
+                z = next_state(layer(core_rows(z)), outs[k], self.next_ins[k])
             else:  # (B·r_0, I_d, 1, ∏O_{<d}, r_{d-1}) → rows (B, ∏O_{<d}, r_0·r_{d-1}·I_d)
                 z = z.reshape(-1, ring, ins[k], z.shape[3], z.shape[4]).permute(0, 3, 1, 4, 2)
                 z = layer(z.flatten(2))

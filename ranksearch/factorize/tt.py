@@ -198,6 +198,9 @@ class TTLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.in_modes, self.out_modes = tuple(in_modes), tuple(out_modes)
+        # the in-mode after each core (1 after the last): a tuple read at index k only, so a
+        # saved TorchScript file never holds an out-of-range constant index
+        self.next_ins = (*self.in_modes[1:], 1)
         self.ranks = tuple(ranks)
         self.in_features, self.out_features = prod(self.in_modes), prod(self.out_modes)
         bonds = (1, *self.ranks, 1)
@@ -211,8 +214,7 @@ class TTLinear(nn.Module):
         ins, outs = self.in_modes, self.out_modes
         z = x.reshape(-1, ins[0], self.in_features // ins[0], 1, 1)  # (B, I_1, ∏I_{>1}, 1, 1)
         for k, layer in enumerate(self.cores):
-            next_in = ins[k + 1] if k + 1 < len(ins) else 1
-            z = next_state(layer(core_rows(z)), outs[k], next_in)
+            z = next_state(layer(core_rows(z)), outs[k], self.next_ins[k])
         y = leading(z, x, self.out_features)
         bias = self.bias
         if bias is not None:
