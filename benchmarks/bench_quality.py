@@ -59,8 +59,9 @@ STRATEGIES = ("uniform", "proportional", "random", "vbmf", "errorbound", "pca_en
               "sensitivity", "beam", "nsga2", "optuna", "rl")
 # cp3_tpm: the 3-way CP fitted by the tensor power method (Astrid & Lee); CP-ALS takes minutes
 # per 256-channel layer on a CPU
-# beam scores width × sites² × moves children on a mini-batch, outside the evaluation count:
-# with its defaults that is hours on a CPU for ResNet-20's 20 layers
+# beam scores about width × sites² × moves children on a mini-batch, each a stored partial
+# score counted against the evaluation budget: with its defaults that is hours on a CPU for
+# ResNet-20's 20 layers
 STRATEGY_OPTIONS: dict[str, dict[str, Any]] = {"beam": {"width": 1, "moves": 2}}
 UNIFORM_METHODS = ("tucker2", "cp3_tpm", "svd")
 BUDGETS = ("params<=0.25", "params<=0.5", "flops<=0.5")

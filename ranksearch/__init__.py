@@ -15,7 +15,27 @@ compressed model from plain torch layers, and search per-layer ranks for a budge
 from .cache import FactorCache
 from .constraints import Constraint
 from .cost import CostModel, EnergyTable, measure_latency
-from .errors import ExportError, RankSearchError, TaskError
+from .errors import (
+    CandidateFailed,
+    ConfigError,
+    ConstraintError,
+    ConstraintUnreachableError,
+    DatasetNotFoundError,
+    DecompositionError,
+    ExportError,
+    InputShapeError,
+    InvalidRankError,
+    NoDecomposableLayersError,
+    NotAdmittedError,
+    OptionError,
+    RankSearchError,
+    StoreError,
+    TaskError,
+    UnknownLayerError,
+    UnknownMethodError,
+    UnknownModelError,
+    UnknownStrategyError,
+)
 from .evaluate import Evaluator, ProxySettings
 from .export import Exported, scored_model
 from .fingerprint import Fingerprint
@@ -23,22 +43,42 @@ from .pareto import Objective
 from .result import Result
 from .search import SearchResult, search
 from .space import Choice, Config, RankSpace, Site, SpaceSpec
-from .strategy import SearchContext, StopSearch, Strategy, available_strategies, load_strategy
+from .strategy import (
+    Proposal,
+    SearchContext,
+    StopSearch,
+    Strategy,
+    Training,
+    available_strategies,
+    load_strategy,
+)
 from .surgery import compress, load, save
 from .task import Task, load_task, load_user_task
 
 __all__ = [
+    "CandidateFailed",
     "Choice",
     "Config",
+    "ConfigError",
     "Constraint",
+    "ConstraintError",
+    "ConstraintUnreachableError",
     "CostModel",
+    "DatasetNotFoundError",
+    "DecompositionError",
     "EnergyTable",
     "Evaluator",
     "ExportError",
     "Exported",
     "FactorCache",
     "Fingerprint",
+    "InputShapeError",
+    "InvalidRankError",
+    "NoDecomposableLayersError",
+    "NotAdmittedError",
     "Objective",
+    "OptionError",
+    "Proposal",
     "ProxySettings",
     "RankSearchError",
     "RankSpace",
@@ -48,9 +88,15 @@ __all__ = [
     "Site",
     "SpaceSpec",
     "StopSearch",
+    "StoreError",
     "Strategy",
     "Task",
     "TaskError",
+    "Training",
+    "UnknownLayerError",
+    "UnknownMethodError",
+    "UnknownModelError",
+    "UnknownStrategyError",
     "available_strategies",
     "compress",
     "load",

@@ -33,7 +33,7 @@ from .schedules import SCHEDULES, finetune
 from .search import SearchResult, search
 from .space import Config, SpaceSpec
 from .store import list_studies, read_objectives, read_study
-from .strategy import Strategy, available_strategies
+from .strategy import Strategy, available_strategies, load_strategy
 from .task import (
     REFERENCE_MODELS,
     Task,
@@ -428,8 +428,10 @@ def cmd_search(args: argparse.Namespace) -> int:
     if ray.get("gpus_per_trial", 0) > 0 and str(proxy.device).lower() == "cpu":
         raise RankSearchError("--gpus-per-trial reserves GPUs but the proxy runs on cpu; "
                               "add --device cuda")
-    parse_constraints(args.constraint)  # before a reference model is trained
+    # checked before a reference model is trained
+    parse_constraints(args.constraint)
     check_device(proxy.device)
+    load_strategy(args.strategy, _options(args.option))
     model, task = model_and_task(args.task, args.data, args.model,
                                  progress=not args.no_progress)
     result = search(

@@ -180,6 +180,15 @@ class CostModel:
             self._costs[key] = _SiteCost(params, macs, pj * PJ)
         return self._costs[key]
 
+    def site_cost(self, name: str, choice: Choice, metric: str) -> float:
+        """``metric`` (params, macs, flops or energy) of site ``name`` alone under ``choice``,
+        per sample over all its calls."""
+        if metric not in METRICS:
+            raise RankSearchError(f"unknown cost metric {metric!r}; choose one of {list(METRICS)}")
+        choice = self.space.validate(Config({name: choice})).get(name, DENSE)
+        cost = self._site_cost(self.space.site(name), choice)
+        return float(2 * cost.macs if metric == "flops" else getattr(cost, metric))
+
     def _site_costs(self, config: Config) -> list[tuple[Site, Choice, _SiteCost]]:
         """Validate ``config`` once and price every called site under it, in model order."""
         config = self.space.validate(config)

@@ -69,3 +69,27 @@ class DatasetNotFoundError(TaskError, FileNotFoundError):
 class ExportError(RankSearchError, RuntimeError):
     """A model cannot be written in the format asked, or the written file does not reproduce
     it (then nothing is written)."""
+
+
+class OptionError(RankSearchError, ValueError):
+    """A strategy option has a bad value; the message names the strategy, the option, the
+    value and what is valid (see `ranksearch.options`)."""
+
+
+class UnknownStrategyError(RankSearchError, KeyError):
+    """No strategy of that name is registered."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class ConstraintUnreachableError(RankSearchError):
+    """No configuration of the space can meet a constraint."""
+
+
+class CandidateFailed(RankSearchError):
+    """A candidate's fine-tuning diverged or produced a non-finite loss."""
+
+
+class StoreError(RankSearchError):
+    """The store cannot be opened or does not match the search."""

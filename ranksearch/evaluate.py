@@ -17,7 +17,7 @@ from torch import nn
 
 from .cache import FactorCache
 from .cost import CostModel, measure_latency
-from .errors import RankSearchError
+from .errors import CandidateFailed, RankSearchError
 from .fingerprint import Fingerprint, fingerprint
 from .result import Result, Status
 from .space import Config, RankSpace
@@ -101,10 +101,6 @@ def device_name(device: str | torch.device) -> str:
     raise RankSearchError(f"unknown device {device!r}; use {hint}")
 
 
-class CandidateFailed(RankSearchError):
-    """A candidate's fine-tuning diverged or produced a non-finite loss."""
-
-
 class Evaluator:
     """Scores configurations of one model on one task.
 
@@ -141,11 +137,14 @@ class Evaluator:
         return self._fingerprint
 
     def result(self, config: Config, metrics: dict[str, float], status: Status = "ok",
-               reason: str | None = None, wall_time: float = 0.0) -> Result:
+               reason: str | None = None, wall_time: float = 0.0,
+               partial: int | None = None) -> Result:
         """A `Result` of ``config`` stamped with this evaluator's proxy and fingerprint."""
+        proxy = self.settings.describe() if partial is None else \
+            f"zero-shot on {partial} validation batch{'es' if partial > 1 else ''}"
         return Result(config=config, metrics=metrics, status=status, reason=reason,
-                      wall_time=wall_time, proxy=self.settings.describe(),
-                      fingerprint=self.fingerprint.digest)
+                      wall_time=wall_time, proxy=proxy, fingerprint=self.fingerprint.digest,
+                      partial=partial)
 
     def candidate(self, config: Config, report: Reporter | None = None
                   ) -> tuple[nn.Module, bool]:
@@ -161,11 +160,19 @@ class Evaluator:
                 stopped = self._finetune(candidate, report)
         return candidate, stopped
 
-    def __call__(self, config: Config, report: Reporter | None = None) -> Result:
+    def __call__(self, config: Config, report: Reporter | None = None,
+                 partial: int | None = None) -> Result:
+        """The proxy score of ``config``; with ``partial``, its partial score instead: zero-shot
+        accuracy and loss on the first ``partial`` validation batches (nothing trained)."""
         start = time.perf_counter()
         metrics: dict[str, float] = dict(self.costs.metrics(config))
         status, reason = "ok", None
         try:
+            if partial is not None:
+                built = compress(self.model, config, cache=self.cache).to(self.settings.device)
+                metrics.update(self.validate(built, self._val[:partial]))
+                return self.result(config, metrics, wall_time=time.perf_counter() - start,
+                                   partial=partial)
             if self.settings.latency:
                 built = compress(self.model, config, cache=self.cache).to(self.settings.device)
                 metrics.update(self.latency(built))
@@ -180,7 +187,8 @@ class Evaluator:
         except (RuntimeError, ValueError) as e:  # numerical trouble inside torch
             log.warning("candidate %s failed: %s", config, e)
             status, reason = "failed", f"{type(e).__name__}: {e}"
-        return self.result(config, metrics, status, reason, time.perf_counter() - start)
+        return self.result(config, metrics, status, reason, time.perf_counter() - start,
+                           partial=partial)
 
     def latency(self, model: nn.Module) -> dict[str, float]:
         """Median latency (seconds, batch 1) of ``model`` and its ratio to the dense model's."""
@@ -191,12 +199,6 @@ class Evaluator:
                                                   warmup=3, repeats=repeats)
         seconds = measure_latency(model, example, warmup=3, repeats=repeats)
         return {"latency": seconds, "latency_ratio": seconds / self._dense_latency}
-
-    def quick_accuracy(self, config: Config, batches: int = 1) -> float:
-        """Zero-shot accuracy of ``config`` on the first ``batches`` validation batches: a
-        cheap score (nothing trained, nothing stored), e.g. for beam search."""
-        candidate = compress(self.model, config, cache=self.cache).to(self.settings.device)
-        return self.validate(candidate, self._val[:batches])["accuracy"]
 
     def validate(self, model: nn.Module, batches: list[tuple] | None = None) -> dict[str, float]:
         """Accuracy and mean loss on the validation batches (or on ``batches``)."""

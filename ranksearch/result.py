@@ -16,7 +16,13 @@ class Result:
     """One evaluation: the config, its metrics (accuracy, loss, params, flops, energy, ...),
     ``status`` ("ok", "failed" with ``reason``, or "pruned" by early stopping), the wall time in
     seconds, ``proxy``, a description of how it was evaluated, and ``fingerprint``, the digest
-    of everything that decided the score (`ranksearch.fingerprint.Fingerprint.digest`)."""
+    of everything that decided the score (`ranksearch.fingerprint.Fingerprint.digest`).
+
+    ``partial`` is None for a proxy score; for a partial score (a strategy's cheap
+    measurement: zero-shot accuracy on the first ``partial`` validation batches, nothing
+    trained) it is that number of batches. Partial results are stored and count against the
+    evaluation budget, but are never candidates: fronts, ``best`` and reports leave them out.
+    """
 
     config: Config
     metrics: Mapping[str, float] = field(default_factory=dict)
@@ -25,10 +31,16 @@ class Result:
     wall_time: float = 0.0
     proxy: str = ""
     fingerprint: str = ""
+    partial: int | None = None
 
     @property
     def ok(self) -> bool:
         return self.status == "ok"
+
+    @property
+    def key(self) -> str:
+        """The store key of this measurement: the config's, marked for a partial score."""
+        return result_key(self.config, self.partial)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -39,6 +51,7 @@ class Result:
             "wall_time": self.wall_time,
             "proxy": self.proxy,
             "fingerprint": self.fingerprint,
+            "partial": self.partial,
         }
 
     @classmethod
@@ -51,4 +64,10 @@ class Result:
             wall_time=float(data.get("wall_time", 0.0)),
             proxy=data.get("proxy", ""),
             fingerprint=data.get("fingerprint", ""),
+            partial=data.get("partial"),
         )
+
+
+def result_key(config: Config, partial: int | None = None) -> str:
+    """The store key of a measurement of ``config`` (a partial score has its own)."""
+    return config.key if partial is None else f"{config.key}#partial={partial}"

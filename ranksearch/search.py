@@ -5,39 +5,30 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 from torch import nn
-from tqdm.auto import tqdm
 
 from .checks import check_task
 from .constraints import Constraint, parse_constraints
 from .cost import METRICS as PRICED
 from .cost import CostModel
-from .errors import ConfigError, RankSearchError
+from .errors import ConfigError, ConstraintUnreachableError, RankSearchError
 from .evaluate import Evaluator, ProxySettings
 from .executors import Executor, get_executor
 from .fingerprint import Fingerprint
+from .loop import SearchLoop, Termination
 from .pareto import Objective, best, front, hypervolume, knee, parse_objectives, reference_point
 from .result import Result
 from .space import Choice, Config, RankSpace, SpaceSpec
 from .store import Store, default_url
-from .strategy import SearchContext, StopSearch, Strategy, load_strategy
+from .strategy import SearchContext, Strategy, Training, load_strategy
 from .task import Task
 
 log = logging.getLogger(__name__)
-
-#: Rounds in a row without a new evaluation before a strategy is taken to be exhausted.
-MAX_IDLE_ROUNDS = 100
-
-
-class ConstraintUnreachableError(RankSearchError):
-    """No configuration of the space can meet a constraint."""
-
 
 @dataclass
 class SearchResult:
@@ -128,7 +119,10 @@ def search(
     ``executor`` is "local" (this process) or "ray" (Ray Tune; ``executor_options`` such as
     ``address``, ``cpus_per_trial``, ``max_concurrent``, ``early_stop``).
     ``constraints`` are strings like ``"flops<=0.5"`` (a ratio of the dense model) or
-    ``"params<=2e6"`` (absolute); ``store`` is a database URL (default: SQLite in ``out``).
+    ``"params<=2e6"`` (absolute); ``store`` is a database URL (default: SQLite in ``out``),
+    or ``"memory"`` for a store held in this process only (nothing is written, ``out`` is not
+    created, and the store is gone when the search returns: its results are the returned
+    `SearchResult`'s, and a second call starts afresh).
 
     The space is ``space`` (a `RankSpace`, or a `SpaceSpec` to discover), or discovered with
     ``methods``, ``include``, ``exclude``, ``min_params``, ``multiple_of`` and ``dearer`` (see
@@ -176,160 +170,23 @@ def search(
     db = Store(url, name, space, objs, meta=run_meta, fingerprint=evaluator.fingerprint,
                share=share_results)
     runner = get_executor(executor, **dict(executor_options or {}))
-    loop = SearchLoop(db, evaluator, runner, evaluations, time_limit, progress, retry_failed)
     ctx = SearchContext(
         space=space, costs=costs, cache=evaluator.cache, constraints=cons, objectives=objs,
-        rng=np.random.default_rng(seed), evaluations=evaluations, evaluate=loop.evaluate_now,
-        evaluator=evaluator,
+        rng=np.random.default_rng(seed), evaluations=evaluations,
+        training=Training.of(evaluator.model, task, evaluator.cache, proxy.device),
     )
-    loop.ctx = ctx
     strat.setup(ctx)
-    driver = getattr(runner, "run", None)
-    stopped = driver(loop, strat) if driver is not None else loop.run(strat)
+    loop = SearchLoop(db, strat, ctx, Termination(evaluations, time_limit),
+                      evaluator.fingerprint.digest, retry_failed, progress)
+    try:
+        runner.drive(loop, evaluator)
+    finally:
+        loop.close()
     return SearchResult(
         results=db.results(), objectives=objs, constraints=cons, space=space, costs=costs,
-        store_url=url, study=name, stopped=stopped, evaluated=loop.evaluated, meta=run_meta,
-        evaluator=evaluator,
+        store_url=url, study=name, stopped=loop.stopped or "finished", evaluated=loop.evaluated,
+        meta=run_meta, evaluator=evaluator,
     )
-
-
-class SearchLoop:
-    """The ask → dedupe → evaluate → store → tell cycle of one search.
-
-    `run` drives it in this process; an executor with a ``run(loop, strategy)`` method (Ray
-    Tune) drives it itself through `triage`, `record` and `exhausted`.
-    """
-
-    def __init__(self, store: Store, evaluator: Evaluator, executor: Executor, evaluations: int,
-                 time_limit: float | None, progress: bool, retry_failed: bool = False) -> None:
-        self.store = store
-        self.retry_failed = retry_failed
-        self._retried: set[str] = set()
-        #: stored failures a retry may evaluate again; they do not count against the budget
-        self._failures = {r.config.key for r in store if r.status == "failed"} \
-            if retry_failed else set()
-        self.evaluator = evaluator
-        self.executor = executor
-        self.evaluations = evaluations
-        self.deadline = None if time_limit is None else time.monotonic() + time_limit
-        self.evaluated = 0
-        self.best: Result | None = None
-        self.ctx: SearchContext
-        self.bar = tqdm(total=evaluations, initial=min(self.stored, evaluations),
-                        disable=not progress, desc="search", unit="eval")
-
-    def run(self, strategy: Strategy) -> str:
-        idle = 0
-        try:
-            while True:
-                if (reason := self.exhausted()) is not None:
-                    return reason
-                try:
-                    configs = strategy.ask()
-                except StopSearch:
-                    return "strategy finished"
-                before = self.evaluated
-                results = self.evaluate_now(configs)
-                if results:
-                    self.tell(strategy, results)
-                idle = 0 if self.evaluated > before else idle + 1
-                if idle >= MAX_IDLE_ROUNDS:
-                    log.warning("%s proposed nothing new in %d rounds; stopping",
-                                strategy.name, idle)
-                    return "strategy exhausted"
-        except KeyboardInterrupt:
-            log.warning("interrupted: finished evaluations are stored; run again to resume")
-            return "interrupted"
-        finally:
-            self.bar.close()
-
-    def evaluate_now(self, configs: Sequence[Config]) -> list[Result]:
-        """Results for ``configs``, in their order: stored ones as they are, infeasible ones
-        marked failed (not stored), new ones evaluated by the executor and committed one by
-        one as they finish."""
-        known, todo = self.triage(configs)
-        for result in self.executor.map(self.evaluator, todo):
-            self.record(result)
-            known[result.config.key] = result
-        return in_order(configs, known)
-
-    def triage(self, configs: Sequence[Config]) -> tuple[dict[str, Result], list[Config]]:
-        """Split ``configs`` into the results already known (stored, or infeasible by cost)
-        and the new configs to evaluate, deduplicated and within the evaluation budget."""
-        known: dict[str, Result] = {}
-        todo: dict[str, Config] = {}
-        for config in configs:
-            config = self.store.space.validate(config)
-            if config.key in known or config.key in todo:
-                continue
-            stored = self.store.get(config)
-            if stored is not None and self._retry(stored):
-                stored = None
-            if stored is not None:
-                known[config.key] = stored
-            elif config not in self.ctx.probes and not self.ctx.feasible(config):
-                known[config.key] = self._infeasible(config)
-            elif self.exhausted() is None and self.stored + len(todo) < self.evaluations:
-                todo[config.key] = config
-        return known, list(todo.values())
-
-    @property
-    def stored(self) -> int:
-        """Stored results that count against the evaluation budget (every stored result, less
-        the failures a retry has yet to evaluate again)."""
-        return len(self.store) - len(self._failures)
-
-    def _retry(self, stored: Result) -> bool:
-        """Whether to evaluate a stored result again: a failure, once per run, when asked."""
-        if stored.config.key not in self._failures or stored.config.key in self._retried:
-            return False
-        self._retried.add(stored.config.key)
-        return True
-
-    def tell(self, strategy: Strategy, results: Sequence[Result]) -> None:
-        """Hand ``results`` to the strategy and append them to ``ctx.history``."""
-        self.ctx.history.extend(results)
-        strategy.tell(results)
-
-    def record(self, result: Result) -> None:
-        """Commit a finished evaluation to the store (before anything else is asked)."""
-        self.store.save(result)
-        self._failures.discard(result.config.key)
-        self.evaluated += 1
-        self.bar.update(1)
-        self._show_best(result)
-
-    def _infeasible(self, config: Config) -> Result:
-        metrics = self.ctx.costs.metrics(config)
-        broken = [str(c) for c in self.ctx.cost_constraints() if not c.satisfied(metrics)]
-        return Result(config, metrics, "failed", f"infeasible: violates {', '.join(broken)}",
-                      proxy="cost check", fingerprint=self.evaluator.fingerprint.digest)
-
-    def exhausted(self) -> str | None:
-        if self.stored >= self.evaluations:
-            return "finished"
-        if self.deadline is not None and time.monotonic() >= self.deadline:
-            return "time limit"
-        return None
-
-    def _show_best(self, result: Result) -> None:
-        """Keep the best result so far (updated with each new one) on the progress bar."""
-        if self.best is None:
-            self.best = best(self.store.results(), self.ctx.constraints)
-        else:
-            self.best = best([self.best, result], self.ctx.constraints)
-        top = self.best
-        if top is not None:
-            self.bar.set_postfix_str(
-                f"best acc {top.metrics['accuracy']:.4f} at flops "
-                f"{top.metrics.get('flops_ratio', float('nan')):.3f}"
-            )
-
-
-def in_order(configs: Sequence[Config], results: Mapping[str, Result]) -> list[Result]:
-    """``results`` (by config key) in the order of ``configs``."""
-    order = {c.key: i for i, c in enumerate(configs)}
-    return sorted(results.values(), key=lambda r: order.get(r.config.key, len(order)))
 
 
 def check_reachable(space: RankSpace, costs: CostModel, constraints: Sequence[Constraint]
@@ -383,4 +240,4 @@ def study_name(task: str, strategy: str, constraints: Sequence[Constraint],
     return f"{task}-{strategy}-{hashlib.sha256(spec.encode()).hexdigest()[:8]}"
 
 
-__all__ = ["SearchLoop", "SearchResult", "check_reachable", "in_order", "search", "study_name"]
+__all__ = ["SearchLoop", "SearchResult", "check_reachable", "search", "study_name"]

@@ -15,6 +15,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +24,28 @@ import sqlalchemy
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
-from .errors import RankSearchError
+from .errors import StoreError
 from .fingerprint import Fingerprint
 from .pareto import Objective
-from .result import Result
+from .result import Result, result_key
 from .space import Config, RankSpace
 
 log = logging.getLogger(__name__)
-optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 _STATES = {"ok": TrialState.COMPLETE, "failed": TrialState.FAIL, "pruned": TrialState.PRUNED}
 
 
-class StoreError(RankSearchError):
-    """The store cannot be opened or does not match the search."""
+@contextmanager
+def quiet_optuna() -> Iterator[None]:
+    """Optuna's own log at WARNING or quieter inside the block (it logs every study created
+    and trial told at INFO), restored after: importing ranksearch changes no global setting.
+    Also a decorator."""
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(max(before, optuna.logging.WARNING))
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(before)
 
 
 def default_url(out: str | os.PathLike) -> str:
@@ -53,8 +62,18 @@ def default_url(out: str | os.PathLike) -> str:
     return f"sqlite:///{folder / 'ranksearch.db'}"
 
 
+#: The store URL of an in-memory store (`open_storage`): nothing is written to disk.
+MEMORY = "memory"
+
+
 def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """An Optuna storage for ``url``, with a clear error when it cannot be reached."""
+    """An Optuna storage for ``url``, with a clear error when it cannot be reached.
+
+    ``url="memory"`` (`MEMORY`) is a fresh `optuna.storages.InMemoryStorage` on each call:
+    nothing is written to disk, and two calls (two `Store` objects) do not share studies.
+    """
+    if url == MEMORY:
+        return optuna.storages.InMemoryStorage()
     if url.startswith("sqlite:///"):
         parent = Path(url[len("sqlite:///"):]).parent
         if not parent.is_dir():
@@ -100,8 +119,12 @@ class Store:
 
     Trial params are the choices as text (``"tucker2:23x46"``), so optuna-dashboard shows the
     ranks, and the objectives carry their metric names.
+
+    ``url="memory"`` keeps the study in this process only (for tests): nothing is written,
+    and the study lives as long as this object; another `Store` on ``"memory"`` starts empty.
     """
 
+    @quiet_optuna()
     def __init__(
         self,
         url: str,
@@ -141,7 +164,7 @@ class Store:
         self._params = {
             name: tuple(str(c) for c in space.choices(name)) for name in space.names
         }
-        self._results = {r.config.key: r for r in _trial_results(self.study)}
+        self._results = {r.key: r for r in _trial_results(self.study)}
         self._shared: dict[str, Result] | None = None
         self._storage = storage
 
@@ -176,6 +199,7 @@ class Store:
         return dict(self.study.user_attrs.get("meta", {}))
 
     def __len__(self) -> int:
+        """Every stored measurement, partial scores included (they count against a budget)."""
         return len(self._results)
 
     def __contains__(self, config: object) -> bool:
@@ -184,11 +208,13 @@ class Store:
     def __iter__(self) -> Iterator[Result]:
         return iter(self._results.values())
 
-    def get(self, config: Config) -> Result | None:
-        """The stored result of ``config`` in this search; with ``share``, else one measured
-        with exactly this fingerprint by another search in the store (copied into this one,
-        so a config is never evaluated twice for the same measurement)."""
-        found = self._results.get(config.key)
+    def get(self, config: Config, partial: int | None = None) -> Result | None:
+        """The stored result of ``config`` (its partial score on ``partial`` batches, when
+        given) in this search; with ``share``, else one measured with exactly this fingerprint
+        by another search in the store (copied into this one, so a config is never evaluated
+        twice for the same measurement)."""
+        key = result_key(config, partial)
+        found = self._results.get(key)
         if found is not None or not self.share or self.fingerprint is None:
             return found
         if self._shared is None:
@@ -203,20 +229,21 @@ class Store:
                     continue
                 for r in _trial_results(other):
                     if r.fingerprint == digest and r.status != "failed":
-                        self._shared.setdefault(r.config.key, r)
-        found = self._shared.get(config.key)
+                        self._shared.setdefault(r.key, r)
+        found = self._shared.get(key)
         if found is not None:
             self.save(found)
         return found
 
     def results(self) -> list[Result]:
-        """Every stored result, in the order they were saved."""
-        return list(self._results.values())
+        """Every stored candidate result (partial scores left out), in the order saved."""
+        return [r for r in self._results.values() if r.partial is None]
 
+    @quiet_optuna()
     def save(self, result: Result) -> None:
         """Commit ``result`` as a finished trial. A config is stored once, except that a new
         result replaces a failed one (a retry); the failed trial stays in the study's history."""
-        key = result.config.key
+        key = result.key
         held = self._results.get(key)
         if held is not None and held.status != "failed":
             return
@@ -276,7 +303,9 @@ def read_study(url: str, study: str) -> tuple[list[Result], dict[str, Any]]:
         raise StoreError(
             f"no study {study!r} in {url}; it holds {list_studies(url) or 'no studies'}"
         ) from None
-    return _trial_results(loaded), dict(loaded.user_attrs.get("meta", {}))
+    latest = {r.key: r for r in _trial_results(loaded)}  # a retry replaces a failure
+    candidates = [r for r in latest.values() if r.partial is None]
+    return candidates, dict(loaded.user_attrs.get("meta", {}))
 
 
 def read_fingerprint(url: str, study: str) -> Fingerprint | None:

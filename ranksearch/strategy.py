@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
+from itertools import cycle
 from typing import Any, ClassVar
 
 import numpy as np
@@ -24,11 +25,10 @@ from .cache import FactorCache
 from .constraints import Constraint
 from .cost import METRICS as PRICED
 from .cost import CostModel
-from .errors import RankSearchError
-from .evaluate import Evaluator
+from .errors import RankSearchError, UnknownStrategyError
 from .pareto import Objective
 from .result import Result
-from .space import Config, RankSpace
+from .space import Choice, Config, RankSpace
 
 GROUP = "ranksearch.strategies"
 log = logging.getLogger(__name__)
@@ -38,23 +38,69 @@ class StopSearch(Exception):
     """Raised by `Strategy.ask` when the strategy has nothing more to propose."""
 
 
-class UnknownStrategyError(RankSearchError, KeyError):
-    """No strategy of that name is registered."""
+@dataclass(frozen=True)
+class Proposal:
+    """A config a strategy asks to have scored, with how.
 
-    def __str__(self) -> str:
-        return str(self.args[0]) if self.args else ""
+    ``probe``: a measurement the strategy needs for itself (e.g. one layer decomposed alone);
+    it is evaluated even when it breaks a cost constraint (fronts still leave it out).
+    ``partial``: a cheap partial score instead of the proxy's: zero-shot accuracy on the first
+    ``partial`` validation batches (nothing trained). Either way the score goes through the
+    executor, is stored, and counts against the evaluation budget. `Strategy.ask` may return
+    plain `Config` objects for ordinary proposals.
+    """
+
+    config: Config
+    probe: bool = False
+    partial: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.partial is not None and (not isinstance(self.partial, int) or self.partial < 1):
+            raise RankSearchError(f"partial must be a number of batches ≥ 1, got {self.partial}")
 
 
-@dataclass
+@dataclass(frozen=True)
+class Training:
+    """What a strategy that trains (bayes_tt) may use, without the model or the task: a
+    compressed copy built from the factor cache, batches of the training split, the task's
+    loss, and the device the proxy runs on."""
+
+    build: Callable[[Config], Any]
+    loader: Callable[[int, int], Any]
+    loss: Callable[[Any, Any], Any]
+    size: int
+    device: str = "cpu"
+
+    def batches(self, batch_size: int, seed: int) -> Iterator[tuple[Any, Any]]:
+        """Training batches, shuffled with ``seed``, cycled without end."""
+        return cycle(self.loader(batch_size, seed))
+
+    @classmethod
+    def of(cls, model: Any, task: Any, cache: FactorCache, device: str = "cpu") -> Training:
+        """The view of ``model`` and ``task`` (a `ranksearch.Task`) a training strategy gets:
+        candidates are built from ``cache``; the model and the task stay out of reach."""
+        from .surgery import compress
+
+        return cls(
+            build=lambda config: compress(model, config, cache=cache),
+            loader=lambda batch_size, seed: task.loader("train", batch_size, shuffle=True,
+                                                        seed=seed),
+            loss=task.loss, size=len(task.train), device=device,
+        )
+
+
+@dataclass(frozen=True)
 class SearchContext:
-    """What a strategy may use: the space, exact costs, data-free signals (``cache``: singular
-    values, factors), the constraints and objectives, a seeded generator, the history so far,
-    ``evaluate`` for evaluations of its own (e.g. sensitivity probes), which go through the
-    executor and the store like any other, and ``evaluator`` for cheap unstored scores
-    (`Evaluator.quick_accuracy`) and the task's data (``evaluator.task``, ``evaluator.model``).
-    ``probes``: configs the strategy evaluates as measurements (e.g. one layer decomposed
-    alone); the search evaluates them even when they break a cost constraint (fronts still
-    filter them out).
+    """What a strategy sees: read-only, and never the model, the task or the executor.
+
+    ``space`` (the sites and rank grids), ``costs`` (exact params, MACs, FLOPs and energy of any
+    config, nothing built), ``cache`` (data-free signals: `FactorCache.singular_values`,
+    `FactorCache.weight`), the ``constraints`` and ``objectives``, a seeded ``rng``, the
+    evaluation budget ``evaluations``, and the ``history`` of results told so far. Verbs:
+    `feasible`, `violation`, `repair` (toward the budget), `cost_metric` (the one cost a
+    strategy that tracks one should use) and `cost`. ``training`` is set for searches run by
+    `ranksearch.search` (see `Training`). Scores a strategy needs go through its proposals
+    (`Proposal`), never around the loop.
     """
 
     space: RankSpace
@@ -64,15 +110,30 @@ class SearchContext:
     objectives: tuple[Objective, ...]
     rng: np.random.Generator
     evaluations: int
-    history: list[Result] = field(default_factory=list)
-    evaluate: Callable[[Sequence[Config]], list[Result]] | None = None
-    evaluator: Evaluator | None = None
-    probes: set[Config] = field(default_factory=set)
+    training: Training | None = None
+    _history: list[Result] = field(default_factory=list, repr=False)
+
+    @property
+    def history(self) -> tuple[Result, ...]:
+        """Every result told to the strategy so far, in the order told."""
+        return tuple(self._history)
 
     def cost_constraints(self) -> tuple[Constraint, ...]:
         """The constraints that can be checked before evaluation (everything but accuracy,
         loss and latency)."""
         return tuple(c for c in self.constraints if c.metric in PRICED)
+
+    @property
+    def cost_metric(self) -> str:
+        """The search's cost metric: that of the first cost constraint, else of the first
+        cost objective, else flops."""
+        names = [c.metric for c in self.cost_constraints()]
+        names += [o.metric.removesuffix("_ratio") for o in self.objectives]
+        return next((m for m in names if m in PRICED), "flops")
+
+    def cost(self, config: Config, metric: str | None = None) -> float:
+        """The ratio of ``config``'s ``metric`` (default: `cost_metric`) to the dense model's."""
+        return self.costs.ratio(metric or self.cost_metric, config)
 
     def feasible(self, config: Config) -> bool:
         """Whether ``config`` meets every cost constraint (checked without building it)."""
@@ -87,26 +148,70 @@ class SearchContext:
         metrics = self.costs.metrics(config)
         return sum(max(0.0, c.violation(metrics)) for c in self.cost_constraints())
 
+    def repair(self, config: Config) -> Config:
+        """``config`` brought within the cost constraints: every site's rank scaled by the
+        largest common factor in (0, 1] that meets them (each snapped down to its grid), so
+        the allocation across sites is kept; the config itself when it is feasible, and its
+        smallest grid ranks when nothing fits."""
+        if self.feasible(config):
+            return config
+        return scaled(self.space, config, largest_true(
+            lambda k: self.feasible(scaled(self.space, config, k)), 0.0, 1.0))
+
+    def record(self, results: Sequence[Result]) -> None:
+        """Append told results to the history (called by the search loop only)."""
+        self._history.extend(results)
+
+
+def scaled(space: RankSpace, config: Config, factor: float) -> Config:
+    """``config`` with every rank component times ``factor``, snapped down to the site's grid
+    (at least its smallest rank)."""
+    choices = {}
+    for name, choice in config.items():
+        grid = space.ranks(name, choice.method)
+        target = np.atleast_1d(np.asarray(choice.rank, dtype=float)) * factor
+        fits = [r for r in grid if np.all(np.atleast_1d(r) <= target + 1e-9)]
+        choices[name] = Choice(choice.method, fits[-1] if fits else grid[0])
+    return Config(choices)
+
 
 class Strategy:
-    """Base class of rank-search strategies.
+    """Base class of rank-search strategies: the contract a third-party strategy implements.
 
-    Subclasses set ``name`` and ``description``, take their options as keyword arguments of
-    ``__init__``, and implement `ask` (a list of configs; an empty list means "waiting for
-    results"; raise `StopSearch` when done) and `tell`.
+    Subclasses set ``name`` and ``description`` and take their options as keyword arguments
+    of ``__init__`` (validated there: raise `ranksearch.errors.RankSearchError` naming the
+    option). The search calls, in this order:
+
+    `setup` once, before anything is asked, with the read-only `SearchContext`.
+
+    `ask` whenever the search can take more work. It returns a list of `Config` (or `Proposal`
+    for probes and partial scores): one config for a sequential strategy, a whole generation
+    for a batch one; an empty list means "waiting for results"; raising `StopSearch` means
+    done. Under the Ray executor `ask` may be called again before the results of the previous
+    ask are told (while trials run): return an empty list when you need them first.
+
+    `tell` with the results of one earlier ask, in the order asked, once all of them are
+    known. It may get fewer results than were asked: configs past the evaluation budget are
+    never evaluated. A config already stored comes back with its stored result; one that
+    breaks a cost constraint comes back ``failed`` with reason ``"infeasible: ..."`` and its
+    costs (it is not stored); one whose evaluation failed comes back ``failed`` with the
+    reason; one stopped early by ASHA comes back ``pruned`` with the accuracy it reached. A
+    partial score comes back with ``result.partial`` set.
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
 
     def setup(self, ctx: SearchContext) -> None:
+        """Called once before the first `ask`; keep ``ctx``."""
         self.ctx = ctx
 
-    def ask(self) -> list[Config]:
+    def ask(self) -> list[Config | Proposal]:
+        """The next proposals (see the class docstring)."""
         raise NotImplementedError
 
     def tell(self, results: Sequence[Result]) -> None:
-        """Receive the results of earlier asks (default: ignore them)."""
+        """Receive the results of one earlier ask (default: ignore them)."""
 
 
 class SweepStrategy(Strategy):

@@ -10,11 +10,14 @@ dimensionality recovery by variational Bayesian PCA", NeurIPS 2012). For an L×M
 
 Kim et al. ("Compression of deep convolutional neural networks for fast and low power mobile
 applications", ICLR 2016) read Tucker-2 ranks off the channel unfoldings this way;
-`site_matrices` and `site_vbmf_rank` do that for every matrix-rank factorization.
+`site_matrices` and `site_vbmf_rank` do that for every matrix-rank factorization: those whose
+`Factorization.spectral` is set (`spectral_methods`), with the matrices of their
+`Factorization.spectral_matrices`.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, replace
 
@@ -22,16 +25,12 @@ import numpy as np
 import torch
 from scipy.optimize import brentq, minimize_scalar
 
+from . import factorize
 from .errors import NotAdmittedError, RankSearchError
-from .space import Rank, Site
+from .factorize.base import GROUPED_METHODS
+from .space import Rank, RankSpace, Site, method_for
 
-#: Factorizations whose rank is one component per matrix of `site_matrices`.
-PER_MATRIX = ("tucker2",)
-#: Factorizations whose single rank is read off the Tucker unfoldings (a proxy for CP rank).
-SHARED = ("cp3", "cp4", "cp3_tpm", "cp4_tpm")
-#: Factorizations whose rank is that of one matrix.
-SINGLE = ("svd", "svd_spatial")
-SUPPORTED = (*SINGLE, *PER_MATRIX, *SHARED)
+log = logging.getLogger(__name__)
 
 _GRID = 64  # log-spaced probes of the free energy before the bounded Brent refinement
 _FLOOR = 1e-12  # smallest σ² considered, relative to the upper bound (exactly low-rank input)
@@ -134,8 +133,21 @@ def unfold(weight: torch.Tensor, mode: int) -> torch.Tensor:
     return weight.movedim(mode, 0).reshape(weight.shape[mode], -1)
 
 
+def spectral_methods() -> list[str]:
+    """The registered factorizations whose ranks are read off matrix spectra (those whose
+    `Factorization.spectral` is set), in registry order."""
+    return [name for name, fac in factorize.REGISTRY.items() if fac.spectral is not None]
+
+
+def per_matrix(method: str) -> bool:
+    """Whether ``method``'s rank has one component per matrix of `site_matrices` (tucker2);
+    else it is one rank for all of them."""
+    return factorize.get(method).spectral == "per_matrix"
+
+
 def site_matrices(site: Site, weight: torch.Tensor, method: str) -> tuple[torch.Tensor, ...]:
-    """The matrices whose spectra decide the rank of ``method`` on ``site``.
+    """The matrices (float64) whose spectra decide the rank of ``method`` on ``site``: its
+    `Factorization.spectral_matrices`.
 
     svd: the weight as out × in·kh·kw (O × I for a linear layer); svd_spatial: the
     (S·kh) × (T·kw) matrix of Jaderberg et al.; tucker2: the in-channel (mode-1) and
@@ -143,18 +155,13 @@ def site_matrices(site: Site, weight: torch.Tensor, method: str) -> tuple[torch.
     same two unfoldings, as a proxy (a CP rank has no matrix of its own). TT and TR ranks are
     not matrix ranks: `NotAdmittedError`.
     """
-    if method not in SUPPORTED:
+    fac = factorize.get(method)
+    if fac.spectral is None:
         raise NotAdmittedError(
             f"{method!r} ranks are not read off a matrix spectrum; VBMF, error-bound and PCA "
-            f"energy rank selection support {list(SUPPORTED)}"
+            f"energy rank selection support {spectral_methods()}"
         )
-    w = weight.detach().double()
-    if method == "svd":
-        return (w.reshape(w.shape[0], -1),)
-    if method == "svd_spatial":
-        (kh, kw), s, t = site.kernel_size, site.in_features, site.out_features
-        return (w.permute(1, 2, 0, 3).reshape(s * kh, t * kw),)
-    return (unfold(w, 1), unfold(w, 0))
+    return fac.spectral_matrices(site, weight.detach().double())
 
 
 def snap(grid: tuple[Rank, ...], rank: float | tuple[float, ...]) -> Rank:
@@ -189,7 +196,7 @@ def site_vbmf_rank(
     per_group = [tuple(evbmf(m).rank for m in matrices)
                  for matrices in group_matrices(site, weight, method)]
     ranks = tuple(max(r) for r in zip(*per_group, strict=True))  # every group must fit
-    rank: Rank = ranks if method in PER_MATRIX else max(ranks)
+    rank: Rank = ranks if per_matrix(method) else max(ranks)
     return rank if grid is None else snap(grid, rank)
 
 
@@ -200,7 +207,7 @@ def group_matrices(site: Site, weight: torch.Tensor, method: str
     g = site.groups
     if g == 1:
         return [site_matrices(site, weight, method)]
-    if method not in ("svd", "tucker2"):
+    if method not in GROUPED_METHODS:
         raise NotAdmittedError(f"{method!r} does not decompose grouped convolutions")
     one = replace(site, in_features=site.in_features // g, out_features=site.out_features // g,
                   groups=1)
@@ -215,3 +222,25 @@ def site_spectra(site: Site, weight: torch.Tensor, method: str) -> tuple[torch.T
     spectra = [tuple(torch.linalg.svdvals(m) for m in matrices)
                for matrices in group_matrices(site, weight, method)]
     return tuple(torch.stack(per).pow(2).mean(0).sqrt() for per in zip(*spectra, strict=True))
+
+
+def spectral_sites(space: RankSpace, method: str | None, who: str) -> dict[str, str]:
+    """Site name → factorization for the sites whose rank a spectrum can decide: ``method``
+    where a site admits it (each site's first method for None). The others stay dense; sites
+    whose method has no matrix rank (TT/TR) are logged. Raises `RankSearchError` when no site
+    is left."""
+    sites = {}
+    for site in space.decomposable:
+        m = method_for(site, method)
+        if m is None:
+            continue
+        if factorize.get(m).spectral is None:
+            log.info("%s: %s stays dense (%s ranks are not matrix ranks)", who, site.name, m)
+            continue
+        sites[site.name] = m
+    if not sites:
+        raise RankSearchError(
+            f"{who}: no layer can be ranked from its spectrum with method {method!r}; "
+            f"use one of {spectral_methods()}"
+        )
+    return sites

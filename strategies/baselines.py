@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ranksearch import factorize
+from ranksearch.options import boolean, method_name, positive_int, values_in
 from ranksearch.space import Choice, Config, RankSpace, method_for, nearest_rank
 from ranksearch.strategy import Strategy, SweepStrategy
 
@@ -25,8 +26,8 @@ class Uniform(SweepStrategy):
 
     def __init__(self, points: Sequence[float] | None = None, count: int | None = None,
                  method: str | None = None) -> None:
-        super().__init__(points, count)
-        self.method = method
+        super().__init__(*sweep_options(self.name, points, count))
+        self.method = method_name(method, "method", self.name)
 
     def make(self, knob: float) -> Config:
         return self.ctx.space.uniform(knob, self.method)
@@ -41,8 +42,8 @@ class Proportional(SweepStrategy):
 
     def __init__(self, points: Sequence[float] | None = None, count: int | None = None,
                  method: str | None = None) -> None:
-        super().__init__(points, count)
-        self.method = method
+        super().__init__(*sweep_options(self.name, points, count))
+        self.method = method_name(method, "method", self.name)
 
     def make(self, knob: float) -> Config:
         return proportional(self.ctx.space, knob, self.method)
@@ -56,8 +57,8 @@ class Random(Strategy):
     description = "uniform over the space, repaired to honour the constraints"
 
     def __init__(self, batch: int = 1, dense: bool = True) -> None:
-        self.batch = batch
-        self.dense = dense
+        self.batch = positive_int(batch, "batch", self.name)
+        self.dense = boolean(dense, "dense", self.name)
 
     def ask(self) -> list[Config]:
         return [self._draw() for _ in range(self.batch)]
@@ -78,6 +79,13 @@ class Random(Strategy):
             index[lowerable[int(ctx.rng.integers(len(lowerable)))]] -= 1
             config = build()
         return config
+
+
+def sweep_options(who: str, points: Sequence[float] | None, count: int | None
+                  ) -> tuple[list[float] | None, int | None]:
+    """The checked ``points`` (fractions in (0, 1]) and ``count`` of a fraction sweep."""
+    return (values_in(points, "points (fractions)", who, 0.0, 1.0, open_low=True),
+            positive_int(count, "count", who, optional=True))
 
 
 def proportional(space: RankSpace, fraction: float, method: str | None = None) -> Config:

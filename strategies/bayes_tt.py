@@ -17,25 +17,21 @@ times the largest λ their bond started with are pruned; the counts left are the
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from itertools import cycle, islice, pairwise
+from itertools import islice, pairwise
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ranksearch import factorize
-from ranksearch.cache import FactorCache
+from ranksearch import factorize, options
 from ranksearch.errors import RankSearchError
 from ranksearch.space import Choice, Config, RankSpace, Site
-from ranksearch.strategy import SearchContext, StopSearch, Strategy, fit_to_budget
-from ranksearch.surgery import compress
-from ranksearch.task import Task
+from ranksearch.strategy import SearchContext, StopSearch, Strategy, Training
 
 PRIORS = ("half_cauchy", "log_uniform")
 TT = "tt"
+WHO = "bayes_tt"  # the strategy named in option errors, also those of its settings
 log = logging.getLogger(__name__)
 
 
@@ -48,10 +44,8 @@ class Prior:
     eta: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.kind not in PRIORS:
-            raise RankSearchError(f"prior must be one of {list(PRIORS)}, got {self.kind!r}")
-        if not self.eta > 0:
-            raise RankSearchError(f"eta must be positive, got {self.eta!r}")
+        options.choice(self.kind, "prior", WHO, PRIORS)
+        options.positive(self.eta, "eta", WHO)
 
     def variance(self, m: Tensor, d: int) -> Tensor:
         """The λ that minimizes `nll` for squared norms ``m`` (the MAP of the scale)."""
@@ -135,58 +129,45 @@ class MapSettings:
     max_rank: int | None = None
 
     def __post_init__(self) -> None:
-        for key in ("steps", "batch_size"):
-            value = getattr(self, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise RankSearchError(f"{key} must be a positive integer, got {value!r}")
-        if not self.lr > 0:
-            raise RankSearchError(f"lr must be positive, got {self.lr!r}")
-        if not 0 < self.threshold < 1:
-            raise RankSearchError(f"threshold must be in (0, 1), got {self.threshold!r}")
-        if self.max_rank is not None and (
-            not isinstance(self.max_rank, int)
-            or isinstance(self.max_rank, bool)
-            or self.max_rank < 1
-        ):
-            raise RankSearchError(
-                f"max_rank must be a positive integer or None, got {self.max_rank!r}"
-            )
+        options.positive_int(self.steps, "steps", WHO)
+        options.positive_int(self.batch_size, "batch_size", WHO)
+        options.positive(self.lr, "lr", WHO)
+        options.number_in(self.threshold, "threshold", WHO, 0.0, 1.0, open_low=True,
+                          open_high=True)
+        options.positive_int(self.max_rank, "max_rank", WHO, optional=True)
 
 
 def infer_ranks(
-    model: nn.Module,
-    task: Task,
+    training: Training,
     space: RankSpace,
     strength: float,
     settings: MapSettings = MapSettings(),
     seed: int = 0,
-    cache: FactorCache | None = None,
-    device: str = "cpu",
 ) -> dict[str, tuple[int, ...]]:
     """The TT ranks the MAP estimate under the low-rank prior keeps, per site that admits tt.
 
-    A copy of ``model`` with every such site a TT layer at its largest rank (TT-SVD of its
-    weight, from ``cache`` when given) is trained on ``task``'s training data with
-    ``strength / N ·`` the prior's negative log density added to ``task.loss``, as
-    ``settings`` say; ``model`` is not modified. Each bond keeps the slices whose λ is still
+    A compressed copy of the model (``training.build``) with every such site a TT layer at its
+    largest rank (TT-SVD of its weight) is trained on the training batches with
+    ``strength / N ·`` the prior's negative log density added to the task's loss, as
+    ``settings`` say; the model itself is not modified. Each bond keeps the slices whose λ is still
     at least ``settings.threshold`` times the largest λ of the bond at the start (at least 1).
     Raises `RankSearchError` when the loss becomes non-finite.
     """
     s = settings
     tops = top_ranks(space, s.max_rank)
-    net = compress(model, Config({n: Choice(TT, r) for n, r in tops.items()}), cache=cache)
+    device = training.device
+    net = training.build(Config({n: Choice(TT, r) for n, r in tops.items()}))
     net.to(device).train()
     layers = [(net.get_submodule(name), space.site(name)) for name in tops]
     for module, site in layers:
         balance(module, site)
     start = [v.max() for v in bond_variances(layers, s.prior)]
-    scale = strength / len(task.train)
-    loader = task.loader("train", s.batch_size, shuffle=True, seed=seed)
+    scale = strength / training.size
     optimizer = torch.optim.Adam(net.parameters(), lr=s.lr)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        for x, y in islice(cycle(loader), s.steps):
-            loss = task.loss(net(x.to(device)), y.to(device))
+        for x, y in islice(training.batches(s.batch_size, seed), s.steps):
+            loss = training.loss(net(x.to(device)), y.to(device))
             if scale:
                 loss = loss + scale * prior_nll(layers, s.prior)
             if not torch.isfinite(loss):
@@ -267,23 +248,17 @@ class BayesTT(Strategy):
         threshold: float = 1e-3,
         max_rank: int | None = None,
     ) -> None:
-        try:
-            self.strengths = sorted(float(s) for s in strengths)
-        except (TypeError, ValueError):
-            self.strengths = []
-        if not self.strengths or not all(math.isfinite(s) and s >= 0 for s in self.strengths):
-            raise RankSearchError(
-                f"strengths must be a non-empty list of numbers ≥ 0, got {strengths!r}"
-            )
+        self.strengths = sorted(options.values_in(strengths, "strengths", self.name, 0.0,
+                                                  optional=False))  # type: ignore[arg-type]
         self.settings = MapSettings(Prior(prior, eta), steps, lr, batch_size, threshold, max_rank)
 
     def setup(self, ctx: SearchContext) -> None:
         super().setup(ctx)
         top_ranks(ctx.space, self.settings.max_rank)  # fail early without tt sites
-        if ctx.evaluator is None:
+        if ctx.training is None:
             raise RankSearchError(
-                "bayes_tt trains on the task's data and needs the search's evaluator; run it "
-                "through ranksearch.search"
+                "bayes_tt trains on the task's data (SearchContext.training); run it through "
+                "ranksearch.search"
             )
         seeds = ctx.rng.integers(2**31, size=len(self.strengths))
         self._queue = [(s, int(seed)) for s, seed in zip(self.strengths, seeds, strict=True)]
@@ -303,30 +278,12 @@ class BayesTT(Strategy):
         raise StopSearch
 
     def propose(self, strength: float, seed: int) -> Config:
-        """The inferred config at ``strength``, scaled down to the budget if it breaks it."""
-        ev, space = self.ctx.evaluator, self.ctx.space
-        ranks = infer_ranks(
-            ev.model,
-            ev.task,
-            space,
-            strength,
-            self.settings,
-            seed=seed,
-            cache=self.ctx.cache,
-            device=ev.settings.device,
-        )
-
-        def make(knob: float) -> Config:
-            return Config(
-                {
-                    name: Choice(
-                        TT, grid_rank(space, name, [max(1, math.ceil(knob * x)) for x in r])
-                    )
-                    for name, r in ranks.items()
-                }
-            )
-
-        config = make(fit_to_budget(self.ctx, make, float(np.finfo(float).eps), 1.0))
+        """The inferred config at ``strength`` (each rank rounded up to its grid), brought
+        within the budget by `SearchContext.repair` if it breaks it."""
+        space = self.ctx.space
+        ranks = infer_ranks(self.ctx.training, space, strength, self.settings, seed=seed)
+        config = self.ctx.repair(Config({name: Choice(TT, grid_rank(space, name, r))
+                                         for name, r in ranks.items()}))
         if not self.ctx.feasible(config):
             raise RankSearchError("even rank 1 in every tt bond breaks the budget")
         return config

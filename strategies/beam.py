@@ -5,15 +5,16 @@ with a joint rank selection followed by a compression-friendly training", Neural
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
 
-from ranksearch import factorize
-from ranksearch.cost import METRICS as PRICED
+from ranksearch import options
 from ranksearch.errors import RankSearchError
+from ranksearch.result import Result
 from ranksearch.space import Choice, Config, method_for
-from ranksearch.strategy import SearchContext, StopSearch, Strategy
+from ranksearch.strategy import Proposal, SearchContext, StopSearch, Strategy
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,15 @@ class _Child(NamedTuple):
     accuracy: float
 
 
+class _Step(NamedTuple):
+    """One asked beam step: each child's point and whether some parent breaks the budget,
+    by config key; ``root`` when the step also scores the starting config."""
+
+    children: dict[str, tuple[Point, Config, bool]]
+    root: Config | None
+    asked: int
+
+
 class Beam(Strategy):
     """Beam search from the top ranks down, scored by mini-batch accuracy without fine-tuning.
 
@@ -39,23 +49,35 @@ class Beam(Strategy):
     where it would cost as much as the dense layer. Each step, every member
     has one child per site: that site's rank lowered by ``step`` grid steps (default:
     1/``moves`` of the site's grid, at least one step, so that each site reaches its lowest
-    rank in about ``moves`` moves; ``step=1`` is the finest search and the slowest). The
-    search scores about width × sites × sites × moves children, so ``width`` and ``moves``
-    bound its time on deep models. Children are
-    scored by `Evaluator.quick_accuracy` on the first ``minibatches`` validation batches (not
-    stored) and the best ``width`` kept. BSR keeps the most accurate candidates at each
-    compression step; since our children differ in how much cost they save, they are ranked
-    by accuracy lost per unit of cost saved, both counted from the start (so the
-    accuracy at the cost reached decides), ties going to the cheaper. Cost is the mean ratio to
-    the dense model of the constrained metrics (else of the cost objectives, else FLOPs).
+    rank in about ``moves`` moves; ``step=1`` is the finest search and the slowest). Children
+    are scored by their partial score (``Proposal(child, partial=minibatches)``: zero-shot
+    accuracy on the first ``minibatches`` validation batches, evaluated, stored and counted
+    by the search like any proposal) and the best ``width`` kept. BSR keeps the most accurate
+    candidates at each compression step; since our children differ in how much cost they
+    save, they are ranked by accuracy lost per unit of cost saved, both counted from the start
+    (so the accuracy at the cost reached decides), ties going to the cheaper. Cost is the
+    search's cost metric (`SearchContext.cost`: that of the first cost constraint, else of the
+    first cost objective, else FLOPs), as a ratio to the dense model.
 
     Where a member breaks a cost constraint, each line of the beam stops at the budget: a move
     that crosses it lowers the site only as far as needed, and the most accurate of these
     crossing children is the budget's answer (``answer``). The search then goes on down to
     the lowest ranks, and the best member of each step (``path``) traces a front below the
-    budget. Proposed as evaluations under the search's proxy: the answer first, then the
-    path's configs that meet the budget, spread evenly when there are more than the evaluation
-    budget allows. Nothing over the budget is ever proposed; without constraints the path is.
+    budget. Then it proposes evaluations under the search's proxy: the answer first, then the
+    path's configs that meet the budget, spread evenly over what is left of the evaluation
+    budget. Nothing over the budget is ever proposed; without constraints the path is.
+
+    Ask/tell: each ask is one beam step, all its children asked at once (so an executor can
+    score them in parallel); the next step is asked once they are told. Cost, to size
+    ``evaluations``: the first step is 1 + sites partial scores (the start and its children),
+    every later one at most width × sites (fewer where sites reach their lowest rank or
+    children coincide), and a full search takes about Σ ⌈top index / step⌉ ≈ sites × moves
+    steps (one more with a budget to cross): about width × sites² × moves partial scores in
+    all, plus the final proposals. Beam asks a step only while it fits in the evaluation
+    budget with one evaluation to spare; otherwise (or when the search refuses some of a
+    step's children) it stops there, warns, and proposes the best it has: the answer if the
+    budget was crossed, else its latest best member brought within the budget
+    (`SearchContext.repair`), and the path's feasible configs in what remains.
     """
 
     name = "beam"
@@ -63,23 +85,14 @@ class Beam(Strategy):
 
     def __init__(self, width: int = 4, step: int | None = None, minibatches: int = 1,
                  method: str | None = None, moves: int = 8) -> None:
-        checked = (("width", width), ("step", 1 if step is None else step),
-                   ("minibatches", minibatches), ("moves", moves))
-        for key, value in checked:
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise RankSearchError(f"{key} must be an integer ≥ 1, got {value!r}")
-        if method is not None:
-            factorize.get(method)  # an unknown name raises here
-        self.width = width
-        self.step = step
-        self.minibatches = minibatches
-        self.method = method
-        self.moves = moves
+        self.width = options.positive_int(width, "width", self.name)
+        self.step = options.positive_int(step, "step", self.name, optional=True)
+        self.minibatches = options.positive_int(minibatches, "minibatches", self.name)
+        self.method = options.method_name(method, "method", self.name)
+        self.moves = options.positive_int(moves, "moves", self.name)
 
     def setup(self, ctx: SearchContext) -> None:
         super().setup(ctx)
-        if ctx.evaluator is None:
-            raise RankSearchError("beam search scores candidates with the search's evaluator")
         methods = {s.name: m for s in ctx.space.decomposable
                    if (m := method_for(s, self.method)) is not None}
         if not methods:
@@ -89,26 +102,95 @@ class Beam(Strategy):
         self._grids = tuple(ctx.space.ranks(n, m) for n, m in zip(self._names, self._methods,
                                                                    strict=True))
         self._steps = tuple(self.step or -(-len(g) // self.moves) for g in self._grids)
-        constrained = [c.metric for c in ctx.cost_constraints()]
-        objectives = [o.metric for o in ctx.objectives if o.metric in PRICED]
-        self._metrics = tuple(dict.fromkeys(constrained or objectives or ["flops"]))
-        self._done = False
-        #: (config, quick accuracy) of the best member of each step, from the grid tops down
+        self._budget = bool(ctx.cost_constraints())
+        if self._budget and not ctx.feasible(self._config((0,) * len(self._names))):
+            # cost only falls as ranks do: no line of the beam can ever meet the budget
+            raise RankSearchError(
+                f"beam search cannot meet {', '.join(map(str, ctx.cost_constraints()))} even "
+                "at the lowest ranks; relax the constraints, allow lower ranks (min_rank) or "
+                "another method"
+            )
+        self._root = tuple(len(g) - 1 for g in self._grids)
+        steps = sum(-(-top // s) for top, s in zip(self._root, self._steps, strict=True))
+        #: an upper bound on the partial scores of a full search
+        self.estimate = 1 + (steps + self._budget) * self.width * len(self._names)
+        log.info("beam search: %d sites, about %d steps, at most %d partial scores "
+                 "(evaluations=%d)", len(self._names), steps, self.estimate, ctx.evaluations)
+        self._beam: list[Point] = [self._root]
+        self._root_acc: float | None = None
+        self._crossed: list[_Child] = []  # children that meet the budget while a parent does not
+        self._pending: _Step | None = None
+        self._searching, self._done, self._cut = True, False, False
+        self._spent = 0  # results told (each a stored measurement, counted by the search)
+        #: (config, partial accuracy) of the best member of each step, from the grid tops down
         self.path: list[tuple[Config, float]] = []
-        #: (config, quick accuracy) of the most accurate child that crossed the budget
+        #: (config, partial accuracy) of the most accurate child that crossed the budget
         self.answer: tuple[Config, float] | None = None
 
-    def ask(self) -> list[Config]:
+    def ask(self) -> list[Config | Proposal]:
         if self._done:
             raise StopSearch
+        if self._pending is not None:
+            return []  # the step asked last is still being scored
+        if self._searching:
+            step = self._next_step()
+            if step is not None and step.asked + 1 <= self.ctx.evaluations - self._spent:
+                self._pending = step
+                configs = ([step.root] if step.root is not None else []) + \
+                    [config for _, config, _ in step.children.values()]
+                return [Proposal(c, probe=True, partial=self.minibatches) for c in configs]
+            if step is not None:
+                self._stop(f"the next step needs {step.asked} partial scores and "
+                           f"{self.ctx.evaluations - self._spent} evaluations are left")
+            self._searching = False
+            log.info("beam search: %d steps, %d partial scores, answer %s", len(self.path),
+                     self._spent, self.answer)
         self._done = True
-        self._search()
-        return self._proposals()
+        return list(self._proposals())
 
-    def cost(self, config: Config) -> float:
-        """The mean cost ratio (to the dense model) that ranks the children."""
-        metrics = self.ctx.costs.metrics(config)
-        return float(np.mean([metrics[f"{m}_ratio"] for m in self._metrics]))
+    def tell(self, results: Sequence[Result]) -> None:
+        step, self._pending = self._pending, None
+        if step is None:
+            return  # the final proposals: nothing more to decide
+        self._spent += len(results)
+        scored = {r.config.key: float(r.metrics["accuracy"]) for r in results
+                  if r.partial == self.minibatches and r.status == "ok"
+                  and "accuracy" in r.metrics}
+        if step.root is not None:
+            self._root_acc = scored.get(step.root.key)
+            if self._root_acc is None:
+                self._stop("the starting config was not scored")
+                return
+            if self._budget and self.ctx.feasible(step.root):
+                self.answer = (step.root, self._root_acc)
+        root_cost = self.ctx.cost(self._config(self._root))
+        children = []
+        for key, (point, config, over) in step.children.items():
+            if key not in scored:
+                continue  # not scored (past the evaluation budget, or failed)
+            acc, cost = scored[key], self.ctx.cost(config)
+            slope = (self._root_acc - acc) / max(root_cost - cost, 1e-12)
+            child = _Child(slope, cost, key, point, config, acc)
+            children.append(child)
+            if over and self.ctx.feasible(config):
+                self._crossed.append(child)
+        if self._crossed:
+            best = max(self._crossed, key=lambda c: (c.accuracy, -c.cost, c.key))
+            self.answer = (best.config, best.accuracy)
+        if children:
+            children.sort()
+            self._beam = [c.point for c in children[: self.width]]
+            self.path.append((children[0].config, children[0].accuracy))
+        if len(scored) < step.asked:
+            self._stop(f"{step.asked - len(scored)} of the step's {step.asked} partial scores "
+                       "came back missing or failed")
+
+    def _stop(self, why: str) -> None:
+        """End the search early (the evaluation budget, or scores missing)."""
+        self._searching, self._cut = False, True
+        log.warning("beam search stopped after %d steps: %s (a full search needs up to %d "
+                    "partial scores; raise evaluations); proposing the best so far",
+                    len(self.path), why, self.estimate)
 
     def _config(self, point: Point) -> Config:
         return Config({
@@ -116,42 +198,23 @@ class Beam(Strategy):
             for n, m, grid, i in zip(self._names, self._methods, self._grids, point, strict=True)
         })
 
-    def _search(self) -> None:
-        ctx = self.ctx
-        start = tuple(len(g) - 1 for g in self._grids)
-        root = self._config(start)
-        root_acc, root_cost = self._score(root), self.cost(root)
-        budget = bool(ctx.cost_constraints())
-        crossed: list[_Child] = []  # children that meet the budget while a parent does not
-        if budget and ctx.feasible(root):
-            self.answer = (root, root_acc)
-        beam = [start]
-        while True:
-            parents: dict[Point, bool] = {}  # child → whether some parent breaks the budget
-            for point in beam:
-                over = budget and not ctx.feasible(self._config(point))
-                for i in range(len(point)):
-                    if point[i]:
-                        child = self._lower(point, i, over)
-                        parents[child] = parents.get(child, False) or over
-            if not parents:
-                break
-            children = []
-            for point, over in parents.items():
-                config = self._config(point)
-                acc, cost = self._score(config), self.cost(config)
-                slope = (root_acc - acc) / max(root_cost - cost, 1e-12)
-                child = _Child(slope, cost, config.key, point, config, acc)
-                children.append(child)
-                if over and ctx.feasible(config):
-                    crossed.append(child)
-            children.sort()
-            beam = [c.point for c in children[: self.width]]
-            self.path.append((children[0].config, children[0].accuracy))
-        if crossed:
-            best = max(crossed, key=lambda c: (c.accuracy, -c.cost, c.key))
-            self.answer = (best.config, best.accuracy)
-        log.info("beam search: %d steps, answer %s", len(self.path), self.answer)
+    def _next_step(self) -> _Step | None:
+        """The children of the current beam (and the start, on the first step), or None when
+        nothing is left to lower."""
+        feasible = self.ctx.feasible
+        children: dict[str, tuple[Point, Config, bool]] = {}
+        for point in self._beam:
+            over = self._budget and not feasible(self._config(point))
+            for i in range(len(point)):
+                if point[i]:
+                    child = self._lower(point, i, over)
+                    config = self._config(child)
+                    held = children.get(config.key)
+                    children[config.key] = (child, config, over or (held is not None and held[2]))
+        if not children:
+            return None
+        root = self._config(self._root) if self._root_acc is None else None
+        return _Step(children, root, len(children) + (root is not None))
 
     def _lower(self, point: Point, i: int, over: bool) -> Point:
         """``point`` with site ``i`` lowered by one move; a move from ``point`` over the budget
@@ -166,21 +229,17 @@ class Beam(Strategy):
                        if feasible(self._config(at(j))))
         return at(low)
 
-    def _score(self, config: Config) -> float:
-        return self.ctx.evaluator.quick_accuracy(config, batches=self.minibatches)
-
     def _proposals(self) -> list[Config]:
         ctx = self.ctx
-        if ctx.cost_constraints() and self.answer is None:
-            raise RankSearchError(
-                "beam search reached the lowest ranks without meeting "
-                f"{', '.join(map(str, ctx.cost_constraints()))}; relax the constraints, allow "
-                "lower ranks (min_rank) or another method"
-            )
         head = [] if self.answer is None else [self.answer[0]]
+        if self._budget and self.answer is None:
+            # cut short above the budget: the latest best member, scaled down to meet it
+            head = [ctx.repair(self.path[-1][0] if self.path else self._config(self._root))]
         rest = [c for c in dict.fromkeys(c for c, _ in self.path)
                 if c not in head and ctx.feasible(c)]
-        room = ctx.evaluations - len(head)
+        if not head and not rest:
+            rest = [self._config(self._root)]  # unconstrained, cut before the first step
+        room = ctx.evaluations - self._spent - len(head)
         if room < len(rest):
             picks = np.unique(np.round(np.linspace(0, len(rest) - 1, max(room, 0))).astype(int))
             rest = [rest[i] for i in picks]

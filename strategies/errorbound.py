@@ -10,13 +10,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ranksearch import options
 from ranksearch.cost import METRICS as PRICED
-from ranksearch.errors import RankSearchError
 from ranksearch.space import Choice, Config, Rank
 from ranksearch.strategy import SearchContext, StopSearch, Strategy
-from ranksearch.vbmf import PER_MATRIX, site_spectra
-
-from .vbmf import check_count, check_method, check_values, spectral_sites
+from ranksearch.vbmf import per_matrix, site_spectra, spectral_sites
 
 log = logging.getLogger(__name__)
 
@@ -37,18 +35,14 @@ class SpectralPath(Strategy):
 
     def __init__(self, count: int | None = None, method: str | None = None,
                  metric: str | None = None) -> None:
-        if metric is not None and metric not in PRICED:
-            raise RankSearchError(
-                f"{self.name}: metric must be one of {list(PRICED)}, got {metric!r}"
-            )
-        self.count = check_count(count, self.name)
-        self.method = check_method(method, self.name)
-        self.metric = metric
+        self.count = options.positive_int(count, "count", self.name, optional=True)
+        self.method = options.method_name(method, "method", self.name, spectral=True)
+        self.metric = options.choice(metric, "metric", self.name, PRICED, optional=True)
 
     def setup(self, ctx: SearchContext) -> None:
         super().setup(ctx)
         cons = ctx.cost_constraints()
-        self.cost_metric = self.metric or (cons[0].metric if cons else _objective_metric(ctx))
+        self.cost_metric = self.metric or ctx.cost_metric
         self.sites = spectral_sites(ctx.space, self.method, self.name)
         self.spectra = {name: self._spectra(name, m) for name, m in self.sites.items()}
         self.path = self.build_path()
@@ -120,7 +114,7 @@ class ErrorBound(SpectralPath):
     def __init__(self, thresholds: Sequence[float] | None = None, count: int | None = None,
                  method: str | None = None) -> None:
         super().__init__(count, method)
-        fixed = check_values(thresholds, 0.0, 1.0, "thresholds (relative errors)", self.name)
+        fixed = options.values_in(thresholds, "thresholds (relative errors)", self.name, 0.0, 1.0)
         self.fixed = None if fixed is None else sorted(fixed)
 
     def setup(self, ctx: SearchContext) -> None:
@@ -140,7 +134,7 @@ class ErrorBound(SpectralPath):
         for name, tables in self._tables.items():
             parts = tuple(int(values[np.argmax(errs <= eps) if errs[-1] <= eps else -1])
                           for values, errs in tables)
-            rank = parts if self.sites[name] in PER_MATRIX else parts[0]
+            rank = parts if per_matrix(self.sites[name]) else parts[0]
             choices[name] = Choice(self.sites[name], rank)
         return Config(choices)
 
@@ -153,7 +147,7 @@ class ErrorBound(SpectralPath):
     def _errors(self, name: str, method: str) -> list[tuple[np.ndarray, np.ndarray]]:
         """(grid values, their errors) per rank component; the errors never rise."""
         grid = self.ctx.space.ranks(name, method)
-        if method in PER_MATRIX:
+        if per_matrix(method):
             tables = []
             for i, s in enumerate(self.spectra[name]):
                 values = np.array(sorted({g[i] for g in grid}))  # type: ignore[index]
@@ -268,11 +262,3 @@ def _kept_energy(s: np.ndarray, rank: int) -> float:
     total = float(np.sum(s**2))
     return float(np.sum(s[:rank] ** 2)) / total if total > 0 else 1.0
 
-
-def _objective_metric(ctx: SearchContext) -> str:
-    """The cost metric of the first priced objective (``flops`` when none is)."""
-    for objective in ctx.objectives:
-        metric = objective.metric.removesuffix("_ratio")
-        if metric in PRICED:
-            return metric
-    return "flops"

@@ -24,12 +24,20 @@ from pymoo.operators.mutation.pm import PM
 from pymoo.operators.repair.rounding import RoundingRepair
 from pymoo.problems.static import StaticProblem
 
-from ranksearch.cost import METRICS as PRICED
-from ranksearch.errors import RankSearchError
-from ranksearch.pareto import Objective, best, front, knee
+from ranksearch import options
+from ranksearch.errors import OptionError, UnknownStrategyError
+from ranksearch.pareto import best, front, knee
+from ranksearch.population import MissingValues, objective_costs, site_choices
 from ranksearch.result import Result
 from ranksearch.space import Choice, Config
-from ranksearch.strategy import SearchContext, StopSearch, Strategy, fit_to_budget, load_strategy
+from ranksearch.strategy import (
+    SearchContext,
+    StopSearch,
+    Strategy,
+    SweepStrategy,
+    fit_to_budget,
+    load_strategy,
+)
 
 
 class NSGA2(Strategy):
@@ -65,32 +73,18 @@ class NSGA2(Strategy):
         crossover_eta: float = 15.0,
         mutation_eta: float = 20.0,
     ) -> None:
-        widths = [narrow_width] if isinstance(narrow_width, int) else list(narrow_width)
-        for value, label, low in ((pop_size, "pop_size", 2), (generations, "generations", 1),
-                                  (narrow_after, "narrow_after", 1)):
-            if value is not None and (not isinstance(value, int) or value < low):
-                raise RankSearchError(f"nsga2: {label} must be an integer ≥ {low}, got {value!r}")
-        if not widths or not all(isinstance(w, int) and w >= 1 for w in widths):
-            raise RankSearchError(
-                f"nsga2: narrow_width must be an integer ≥ 1 or a list of them, got "
-                f"{narrow_width!r}")
-        if not (crossover_eta > 0 and mutation_eta > 0):
-            raise RankSearchError("nsga2: crossover_eta and mutation_eta must be positive")
-        names = seed_with.split(",") if isinstance(seed_with, str) else list(seed_with)
-        self.seeders = [load_strategy(n.strip()) for n in names if n.strip()]
-        for name, seeder in zip(names, self.seeders, strict=True):
-            if not callable(getattr(seeder, "make", None)):
-                raise RankSearchError(
-                    f"nsga2: seed_with={name!r} is not a one-knob strategy (it has no "
-                    "make(knob)); use e.g. 'uniform', 'proportional' or 'errorbound'")
-        self.pop_size = pop_size
-        self.generations = generations
-        self.dense = dense
-        self.cheaper = cheaper
-        self.narrow_after = narrow_after
-        self.widths = widths
-        self.crossover_eta = float(crossover_eta)
-        self.mutation_eta = float(mutation_eta)
+        who = self.name
+        self.pop_size = options.integer(pop_size, "pop_size", who, 2, optional=True)
+        self.generations = options.positive_int(generations, "generations", who, optional=True)
+        self.dense = options.boolean(dense, "dense", who)
+        self.cheaper = options.boolean(cheaper, "cheaper", who)
+        self.narrow_after = options.positive_int(narrow_after, "narrow_after", who,
+                                                 optional=True)
+        self.widths = options.integers(narrow_width, "narrow_width", who)
+        self.crossover_eta = options.positive(crossover_eta, "crossover_eta", who)
+        self.mutation_eta = options.positive(mutation_eta, "mutation_eta", who)
+        self.seeders = [_seeder(name, seed_with)
+                        for name in options.names(seed_with, "seed_with", who)]
 
     # -- strategy interface ---------------------------------------------------------------------
     def setup(self, ctx: SearchContext) -> None:
@@ -214,31 +208,23 @@ class NSGA2(Strategy):
         per = max(1, self.size // (2 * len(self.seeders))) if self.seeders else 0
         for seeder in self.seeders:
             seeder.setup(self.ctx)
-            low, high = getattr(seeder, "low", 0.02), getattr(seeder, "high", 1.0)
-            top = fit_to_budget(self.ctx, seeder.make, low, high)
-            configs.extend(seeder.make(float(k)) for k in np.linspace(top, low, per))
+            top = fit_to_budget(self.ctx, seeder.make, seeder.low, seeder.high)
+            configs.extend(seeder.make(float(k)) for k in np.linspace(top, seeder.low, per))
         return configs
 
 
-def site_choices(ctx: SearchContext, name: str, dense: bool = True, cheaper: bool = True
-                 ) -> tuple[Choice, ...]:
-    """The choices of site ``name`` a search should consider: with ``cheaper``, only the
-    factorizations that cost less than the dense layer in some cost metric the search cares
-    about (its objectives and cost constraints; params and flops when it names none), since a
-    factorized layer that is no cheaper than the dense one gains nothing; ``dense`` last if
-    allowed. Never empty: without dense and nothing cheaper, the smallest choice remains."""
-    choices = ctx.space.choices(name)
-    named = [o.metric.removesuffix("_ratio") for o in ctx.objectives]
-    named += [c.metric for c in ctx.cost_constraints()]
-    metrics = [m for m in dict.fromkeys(named) if m in PRICED] or ["params", "flops"]
-    keep = list(choices[:-1])
-    if cheaper:
-        dense_costs = ctx.costs.metrics(Config())
-        keep = [c for c in keep if any(ctx.costs.metrics(Config({name: c}))[m] < dense_costs[m]
-                                       for m in metrics)]
-    if dense:
-        keep.append(choices[-1])
-    return tuple(keep) or choices[:1]
+def _seeder(name: str, seed_with: object) -> SweepStrategy:
+    """The one-knob strategy ``name`` of the ``seed_with`` option: any `SweepStrategy`
+    (`OptionError` if it is unknown or not a sweep)."""
+    hint = "each must be a one-knob SweepStrategy, e.g. 'uniform', 'proportional' or 'vbmf'"
+    try:
+        seeder = load_strategy(name)
+    except UnknownStrategyError as e:
+        raise OptionError(f"nsga2: seed_with={seed_with!r}: {e} ({hint})") from None
+    if not isinstance(seeder, SweepStrategy):
+        raise OptionError(f"nsga2: seed_with={seed_with!r}: {name!r} is not a one-knob "
+                          f"strategy (not a SweepStrategy); {hint}")
+    return seeder
 
 
 def narrow(centre: np.ndarray, width: int, lower: np.ndarray, upper: np.ndarray
@@ -246,27 +232,6 @@ def narrow(centre: np.ndarray, width: int, lower: np.ndarray, upper: np.ndarray
     """The box ``centre ± width`` clipped to [lower, upper] (PSTRN's progressive phase)."""
     centre = np.clip(centre, lower, upper)
     return np.maximum(lower, centre - width), np.minimum(upper, centre + width)
-
-
-def objective_costs(results: Sequence[Result], objectives: Sequence[Objective]) -> np.ndarray:
-    """An (n, m) array of the objectives in minimization form, NaN where a metric is missing
-    (an infeasible config was not evaluated; a failed one has no accuracy)."""
-    return np.array([[o.cost(r.metrics) for o in objectives] for r in results], dtype=float)
-
-
-class MissingValues:
-    """Stands in for missing objective values with the worst seen so far: a maximized metric
-    (accuracy) as 0 (or the lowest value seen, if negative), a minimized one as the largest
-    value seen (0 before any)."""
-
-    def __init__(self, objectives: Sequence[Objective]) -> None:
-        self.worst = np.array([0.0 if o.direction == "max" else -np.inf for o in objectives])
-
-    def fill(self, costs: np.ndarray) -> np.ndarray:
-        seen = np.where(np.isnan(costs), -np.inf, costs).max(axis=0, initial=-np.inf)
-        self.worst = np.maximum(self.worst, seen)
-        stand_in = np.where(np.isfinite(self.worst), self.worst, 0.0)
-        return np.where(np.isnan(costs), stand_in, costs)
 
 
 def _code(choices: Sequence[Choice], choice: Choice) -> int:

@@ -19,11 +19,13 @@ from typing import Any
 import numpy as np
 import optuna
 from optuna.trial import Trial, TrialState
-from ranksearch_strategies.nsga2 import MissingValues, objective_costs, site_choices
 
-from ranksearch.errors import RankSearchError
+from ranksearch.errors import OptionError
+from ranksearch.options import boolean, choice, mapping, positive_int
+from ranksearch.population import MissingValues, objective_costs, site_choices
 from ranksearch.result import Result
 from ranksearch.space import Config
+from ranksearch.store import quiet_optuna
 from ranksearch.strategy import SearchContext, Strategy
 
 if not hasattr(Trial, "set_constraint"):
@@ -62,22 +64,16 @@ class OptunaSampler(Strategy):
     def __init__(self, sampler: str = "tpe", sampler_options: Mapping[str, Any] | None = None,
                  batch: int = 1, encoding: str = "int", dense: bool = True,
                  cheaper: bool = True) -> None:
-        if sampler not in SAMPLERS:
-            raise RankSearchError(
-                f"optuna: unknown sampler {sampler!r}; choose one of {sorted(SAMPLERS)}")
-        if not isinstance(batch, int) or batch < 1:
-            raise RankSearchError(f"optuna: batch must be an integer ≥ 1, got {batch!r}")
-        if encoding not in ("int", "categorical"):
-            raise RankSearchError(
-                f"optuna: encoding must be 'int' or 'categorical', got {encoding!r}")
-        self.sampler = sampler
-        self.sampler_options = dict(sampler_options or {})
-        self.batch = batch
-        self.encoding = encoding
-        self.dense = dense
-        self.cheaper = cheaper
+        who = self.name
+        self.sampler = choice(sampler, "sampler", who, sorted(SAMPLERS))
+        self.sampler_options = mapping(sampler_options, "sampler_options", who)
+        self.batch = positive_int(batch, "batch", who)
+        self.encoding = choice(encoding, "encoding", who, ("int", "categorical"))
+        self.dense = boolean(dense, "dense", who)
+        self.cheaper = boolean(cheaper, "cheaper", who)
         self._make_sampler(seed=0, evaluations=16)  # bad sampler options fail here
 
+    @quiet_optuna()  # Optuna logs every study created and trial told at INFO
     def setup(self, ctx: SearchContext) -> None:
         super().setup(ctx)
         self.choices = {n: site_choices(ctx, n, self.dense, self.cheaper)
@@ -126,6 +122,7 @@ class OptunaSampler(Strategy):
         """The config of a trial's parameters (one choice index per site)."""
         return Config({n: choices[params[n]] for n, choices in self.choices.items()})
 
+    @quiet_optuna()
     def _tell(self, trial: Trial, result: Result) -> None:
         for c in self.ctx.cost_constraints():
             trial.set_constraint(str(c), c.violation(result.metrics))
@@ -152,8 +149,10 @@ class OptunaSampler(Strategy):
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 return SAMPLERS[self.sampler](**options)
         except (TypeError, ValueError) as e:
-            raise RankSearchError(
-                f"optuna: bad sampler_options for {self.sampler!r}: {e}") from e
+            raise OptionError(
+                f"optuna: bad sampler_options {self.sampler_options!r} for {self.sampler!r} "
+                f"({e}); they must be keyword arguments of {SAMPLERS[self.sampler].__name__}"
+            ) from e
 
 
 __all__ = ["SAMPLERS", "OptunaSampler"]

@@ -27,8 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ranksearch import factorize
-from ranksearch.cost import METRICS as PRICED
+from ranksearch import options
 from ranksearch.errors import RankSearchError
 from ranksearch.result import Result
 from ranksearch.space import Choice, Config, method_for, nearest_rank
@@ -108,22 +107,16 @@ class RL(Strategy):
         baseline_decay: float = 0.9,
         method: str | None = None,
     ) -> None:
-        for key, value, low in (("warmup", warmup, 0), ("batch", batch, 1), ("hidden", hidden, 1)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise RankSearchError(f"{key} must be an integer ≥ {low}, got {value!r}")
-        if not lr > 0:
-            raise RankSearchError(f"lr must be positive, got {lr!r}")
-        if not 0 <= a_min < 1:
-            raise RankSearchError(f"a_min must be in [0, 1), got {a_min!r}")
-        if not cost_weight >= 0:
-            raise RankSearchError(f"cost_weight must be ≥ 0, got {cost_weight!r}")
-        if not 0 <= baseline_decay < 1:
-            raise RankSearchError(f"baseline_decay must be in [0, 1), got {baseline_decay!r}")
-        if method is not None:
-            factorize.get(method)
-        self.warmup, self.batch, self.lr, self.hidden = warmup, batch, lr, hidden
-        self.a_min, self.cost_weight, self.decay = a_min, cost_weight, baseline_decay
-        self.method = method
+        who = self.name
+        self.warmup = options.integer(warmup, "warmup", who, 0)
+        self.batch = options.positive_int(batch, "batch", who)
+        self.lr = options.positive(lr, "lr", who)
+        self.hidden = options.positive_int(hidden, "hidden", who)
+        self.a_min = options.number_in(a_min, "a_min", who, 0.0, 1.0, open_high=True)
+        self.cost_weight = options.number_in(cost_weight, "cost_weight", who, 0.0)
+        self.decay = options.number_in(baseline_decay, "baseline_decay", who, 0.0, 1.0,
+                                       open_high=True)
+        self.method = options.method_name(method, "method", who)
 
     # -- setup ----------------------------------------------------------------------------------
     def setup(self, ctx: SearchContext) -> None:
@@ -141,7 +134,7 @@ class RL(Strategy):
         # the grid even where it stops short of the maximum rank (where a rank would cost as
         # much as the dense layer)
         self.tops = [np.atleast_1d(grid[-1].rank).astype(float) for grid in self.grids]
-        self.metric = cost_metric(ctx)
+        self.metric = ctx.cost_metric
         self.constrained = bool(ctx.cost_constraints())
         self._cost: dict[tuple[str, Choice], float] = {}
         self._static = self._static_features()
@@ -178,8 +171,7 @@ class RL(Strategy):
         """The cost of one site under ``choice`` in the strategy's cost metric."""
         key = (name, choice)
         if key not in self._cost:
-            row = next(r for r in self.ctx.costs.table(Config({name: choice})) if r["name"] == name)
-            self._cost[key] = float(2 * row["macs"] if self.metric == "flops" else row[self.metric])
+            self._cost[key] = self.ctx.costs.site_cost(name, choice, self.metric)
         return self._cost[key]
 
     # -- ask ------------------------------------------------------------------------------------
@@ -284,11 +276,3 @@ class RL(Strategy):
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-
-
-def cost_metric(ctx: SearchContext) -> str:
-    """The cost the controller tracks: that of the first cost constraint, else of the first
-    cost objective, else flops."""
-    names = [c.metric for c in ctx.cost_constraints()]
-    names += [o.metric.removesuffix("_ratio") for o in ctx.objectives]
-    return next((m for m in names if m in PRICED), "flops")

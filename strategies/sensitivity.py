@@ -13,12 +13,11 @@ from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 
-from ranksearch import factorize
+from ranksearch import factorize, options
 from ranksearch.errors import RankSearchError
-from ranksearch.factorize.base import is_int
 from ranksearch.result import Result
 from ranksearch.space import Choice, Config, Rank, method_for, nearest_rank
-from ranksearch.strategy import SearchContext, Strategy, SweepStrategy
+from ranksearch.strategy import Proposal, SearchContext, Strategy, SweepStrategy
 
 
 class Sensitivity(Strategy):
@@ -59,24 +58,13 @@ class Sensitivity(Strategy):
         method: str | None = None,
         epsilon: float = 1e-3,
     ) -> None:
-        if not _number(probe_fraction) or not 0 < probe_fraction <= 1:
-            raise RankSearchError(f"probe_fraction must be in (0, 1], got {probe_fraction!r}")
-        if probe_rank is not None and (not is_int(probe_rank) or probe_rank < 1):
-            raise RankSearchError(f"probe_rank must be an integer ≥ 1, got {probe_rank!r}")
-        if not _number(epsilon) or epsilon <= 0:
-            raise RankSearchError(f"epsilon must be a positive number, got {epsilon!r}")
-        if count is not None and (not is_int(count) or count < 1):
-            raise RankSearchError(f"count must be an integer ≥ 1, got {count!r}")
-        if points is not None and not all(_number(p) and 0 < p <= 1 for p in points):
-            raise RankSearchError(f"points must be knobs in (0, 1], got {points!r}")
-        if method is not None:
-            factorize.get(method)  # an unknown name raises here
-        self.points = points
-        self.count = count
-        self.probe_fraction = probe_fraction
-        self.probe_rank = probe_rank
-        self.method = method
-        self.epsilon = epsilon
+        who = self.name
+        self.points = options.values_in(points, "points (knobs)", who, 0.0, 1.0, open_low=True)
+        self.count = options.positive_int(count, "count", who, optional=True)
+        self.probe_fraction = options.fraction(probe_fraction, "probe_fraction", who)
+        self.probe_rank = options.positive_int(probe_rank, "probe_rank", who, optional=True)
+        self.method = options.method_name(method, "method", who)
+        self.epsilon = options.positive(epsilon, "epsilon", who)
         #: accuracy loss per site, once the probes are in
         self.losses: dict[str, float] | None = None
 
@@ -113,15 +101,15 @@ class Sensitivity(Strategy):
         self._asked = False
         self._sweep: _Sweep | None = None
         self.losses = None
-        ctx.probes.update(probes)
 
-    def ask(self) -> list[Config]:
+    def ask(self) -> list[Config | Proposal]:
         if self._sweep is not None:
             return self._sweep.ask()
         if self._asked:
             return []  # waiting for the probes
         self._asked = True
-        return list(self._probes)
+        # measurements, evaluated even where one decomposed layer breaks a cost constraint
+        return [Proposal(config, probe=True) for config in self._probes]
 
     def tell(self, results: Sequence[Result]) -> None:
         if self._sweep is not None:
@@ -203,10 +191,6 @@ class _Sweep(SweepStrategy):
 def _nearest(grid: Sequence[Rank], target: np.ndarray) -> Rank:
     """The grid rank nearest ``target`` (one value per rank component)."""
     return grid[nearest_rank(grid, target)]
-
-
-def _number(x: object) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and np.isfinite(x)
 
 
 __all__ = ["Sensitivity", "allocate", "sensitivities"]

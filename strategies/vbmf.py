@@ -5,11 +5,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from ranksearch import factorize
-from ranksearch.errors import RankSearchError
-from ranksearch.space import Choice, Config, Rank, RankSpace, method_for
+from ranksearch import options
+from ranksearch.space import Choice, Config, Rank
 from ranksearch.strategy import SearchContext, SweepStrategy, fit_to_budget
-from ranksearch.vbmf import SUPPORTED, site_vbmf_rank, snap
+from ranksearch.vbmf import site_vbmf_rank, snap, spectral_sites
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +37,10 @@ class VBMF(SweepStrategy):
 
     def __init__(self, one_shot: bool = False, points: Sequence[float] | None = None,
                  count: int | None = None, method: str | None = None) -> None:
-        if not isinstance(one_shot, bool):
-            raise RankSearchError(f"vbmf: one_shot must be true or false, got {one_shot!r}")
-        points = check_values(points, -1.0, 1.0, "points (weakening factors)", self.name)
-        super().__init__(points, check_count(count, self.name))
-        self.one_shot = one_shot
-        self.method = check_method(method, self.name)
+        self.one_shot = options.boolean(one_shot, "one_shot", self.name)
+        points = options.values_in(points, "points (weakening factors)", self.name, -1.0, 1.0)
+        super().__init__(points, options.positive_int(count, "count", self.name, optional=True))
+        self.method = options.method_name(method, "method", self.name, spectral=True)
 
     def setup(self, ctx: SearchContext) -> None:
         self.ctx = ctx
@@ -84,61 +81,3 @@ class VBMF(SweepStrategy):
 
 def _parts(rank: Rank) -> tuple[int, ...]:
     return (rank,) if isinstance(rank, int) else rank
-
-
-def spectral_sites(space: RankSpace, method: str | None, who: str) -> dict[str, str]:
-    """Site name → factorization for the sites whose rank a spectrum can decide: ``method``
-    where a site admits it (each site's first method for None). The others stay dense; TT/TR
-    sites are logged, since their ranks are not matrix ranks."""
-    sites = {}
-    for site in space.decomposable:
-        m = method_for(site, method)
-        if m is None:
-            continue
-        if m not in SUPPORTED:
-            log.info("%s: %s stays dense (%s ranks are not matrix ranks)", who, site.name, m)
-            continue
-        sites[site.name] = m
-    if not sites:
-        raise RankSearchError(
-            f"{who}: no layer can be ranked from its spectrum with method {method!r}; "
-            f"use one of {list(SUPPORTED)}"
-        )
-    return sites
-
-
-def check_method(method: str | None, who: str) -> str | None:
-    """``method`` if it is None or a registered factorization with matrix ranks."""
-    if method is None:
-        return None
-    factorize.get(method)  # UnknownMethodError (a RankSearchError) names the valid ones
-    if method not in SUPPORTED:
-        raise RankSearchError(
-            f"{who}: {method!r} ranks are not matrix ranks; choose one of {list(SUPPORTED)}"
-        )
-    return method
-
-
-def check_values(values: Sequence[float] | None, low: float, high: float, what: str,
-                 who: str) -> list[float] | None:
-    """``values`` as floats if it is None or a non-empty list of numbers in [low, high]."""
-    if values is None:
-        return None
-    try:
-        out = [float(v) for v in values]
-    except (TypeError, ValueError):
-        out = []
-    if not out or not all(low <= v <= high for v in out):
-        raise RankSearchError(
-            f"{who}: {what} must be a non-empty list of numbers in [{low:g}, {high:g}], "
-            f"got {values!r}"
-        )
-    return out
-
-
-def check_count(count: int | None, who: str) -> int | None:
-    """``count`` if it is None or a positive integer."""
-    if count is not None and (isinstance(count, bool) or not isinstance(count, int)
-                              or count < 1):
-        raise RankSearchError(f"{who}: count must be a positive integer, got {count!r}")
-    return count

@@ -10,11 +10,12 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import ranksearch
+from ranksearch.cache import FactorCache
 from ranksearch.errors import RankSearchError
 from ranksearch.evaluate import ProxySettings
 from ranksearch.factorize.tt import TTLinear
 from ranksearch.space import RankSpace
-from ranksearch.strategy import load_strategy
+from ranksearch.strategy import Training, load_strategy
 from ranksearch.task import Task
 
 PLANTED = (2, 3)
@@ -63,8 +64,9 @@ def test_closed_form_variance_minimizes_the_prior(kind):
 def test_recovers_planted_tt_ranks_and_a_stronger_prior_prunes_more(planted):
     model, task, space = planted
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    none = infer_ranks(model, task, space, 0.0)["0"]
-    ranks = {s: infer_ranks(model, task, space, s)["0"] for s in (1e-3, 1e-2, 0.3)}
+    training = Training.of(model, task, FactorCache(model, space))
+    none = infer_ranks(training, space, 0.0)["0"]
+    ranks = {s: infer_ranks(training, space, s)["0"] for s in (1e-3, 1e-2, 0.3)}
     assert none == (16, 16)  # without the prior the noise keeps every slice
     for s in (1e-3, 1e-2):
         assert all(abs(r - p) <= 1 for r, p in zip(ranks[s], PLANTED, strict=True)), ranks
@@ -75,7 +77,8 @@ def test_recovers_planted_tt_ranks_and_a_stronger_prior_prunes_more(planted):
 
 def test_log_uniform_prior_recovers_too(planted):
     model, task, space = planted
-    ranks = infer_ranks(model, task, space, 1e-2, MapSettings(Prior("log_uniform")))["0"]
+    training = Training.of(model, task, FactorCache(model, space))
+    ranks = infer_ranks(training, space, 1e-2, MapSettings(Prior("log_uniform")))["0"]
     assert all(abs(r - p) <= 1 for r, p in zip(ranks, PLANTED, strict=True)), ranks
 
 

@@ -132,7 +132,12 @@ def test_search_keeps_the_dense_metrics(tmp_path):
     result = run(model, task, tmp_path)
     expected = Evaluator(model, task, ZERO).validate(model)
     assert result.meta["dense"] == expected
-    assert set(expected) == {"accuracy", "loss"} and 0 <= expected["accuracy"] <= 1
+    x, y = task.val.tensors
+    with torch.no_grad():
+        out = model.eval()(x)
+    assert set(expected) == {"accuracy", "loss"}
+    assert expected["accuracy"] == pytest.approx(float((out.argmax(1) == y).float().mean()))
+    assert expected["loss"] == pytest.approx(float(nn.functional.cross_entropy(out, y)))
 
 
 def test_check_task_measures_the_evaluator_batches_and_leaves_the_model_as_it_was():

@@ -228,7 +228,7 @@ def test_zero_layer_and_tt_sites(caplog):
     mixed = RankSpace(sites, model_params=space.model_params)
     mixed_parts = (mixed, CostModel(mixed), FactorCache(model, mixed))
     for strategy in (ErrorBound(), PCAEnergy(), VBMF()):
-        with caplog.at_level("INFO", logger="ranksearch_strategies"):
+        with caplog.at_level("INFO"):  # logged by ranksearch.vbmf.spectral_sites
             config = proposals(started(strategy, context(mixed_parts)))[0]
         # unconstrained, "2" (8 → 6) goes to the top of its grid: svd:3, the largest rank
         # that costs less than the dense layer

@@ -415,7 +415,8 @@ def test_not_admitted():
     ):
         with pytest.raises(NotAdmittedError):
             call(grouped)
-    assert tt.admits(grouped) is not None and get("tr").admits(site) is not None
+    assert "grouped convolutions (groups=2)" in tt.admits(grouped)
+    assert "not conv2d" in get("tr").admits(site)
 
 
 def test_not_admitted_names_the_methods_that_admit_the_conv():

@@ -23,7 +23,7 @@ import ranksearch
 from ranksearch.errors import RankSearchError
 from ranksearch.evaluate import Evaluator, ProxySettings
 from ranksearch.executors.ray import RayExecutor
-from ranksearch.strategy import StopSearch, Strategy
+from ranksearch.strategy import Proposal, StopSearch, Strategy
 from ranksearch.surgery import compress
 
 pytestmark = pytest.mark.ray
@@ -46,31 +46,33 @@ def local_ray(ray_module):
 
 
 class Fixed(Strategy):
-    """Asks the given batches in turn and keeps what it is told; evaluates ``probes`` itself
-    (through ``ctx.evaluate``, as sensitivity probes are), the first in setup and the second in
-    its first ask."""
+    """Asks ``probes`` first, one probe proposal at a time (as sensitivity does), then the given
+    batches in turn, each only once the one before was told; keeps what it is told."""
 
     name = "fixed"
 
     def __init__(self, batches, probes=()):
-        self.batches = [list(b) for b in batches]
         self.probes = list(probes)
+        self.batches = [[Proposal(p, probe=True)] for p in self.probes]
+        self.batches += [list(b) for b in batches]
         self.told = []
         self.probed = []
-
-    def setup(self, ctx):
-        super().setup(ctx)
-        self.probed += ctx.evaluate(self.probes[:1])
+        self._waiting = False
 
     def ask(self):
-        if len(self.probed) < len(self.probes):
-            self.probed += self.ctx.evaluate(self.probes[1:])
+        if self._waiting:
+            return []
         if not self.batches:
             raise StopSearch
+        self._waiting = True
         return self.batches.pop(0)
 
     def tell(self, results):
-        self.told.append(list(results))
+        self._waiting = False
+        if len(self.probed) < len(self.probes):
+            self.probed += results
+        else:
+            self.told.append(list(results))
 
 
 class Boom(Exception):
@@ -132,20 +134,28 @@ def test_asha_stops_weak_candidates(local_ray, digits_model, digits, tmp_path):
     proxy = ProxySettings(steps=40, batch_size=32, report_every=5)
     result = search(digits_model, digits, tmp_path, strategy=strategy, evaluations=10,
                     proxy=proxy, executor=executor)
-    assert [r.config for r in strategy.probed] == probes and all(r.ok for r in strategy.probed)
+    # the probes run as trials too (ASHA may stop them), each before the next ask
+    assert [r.config for r in strategy.probed] == probes
+    assert all(r.status in ("ok", "pruned") for r in strategy.probed)
     assert [r.config for r in result.results[:2]] == probes  # stored before the trials
     statuses = [r.status for r in result.results[2:]]
     assert len(statuses) == 8 and "pruned" in statuses and "ok" in statuses
+    local = Evaluator(digits_model, digits, proxy, space=result.space)
     for r in result.results:
         if r.status == "pruned":
-            assert "ASHA" in r.reason and 0 <= r.metrics["accuracy"] <= 1
+            assert "ASHA" in r.reason
+            # the accuracy reported at the step ASHA stopped it, as the local proxy measures it
+            step = int(r.reason.split(" at step ")[1].split()[0])
+            again = local(r.config, report=lambda s, _acc, stop=step: s < stop)
+            assert again.status == "pruned" and r.metrics["accuracy"] == again.metrics["accuracy"]
             assert r.metrics["flops"] > 0 and r.metrics["params"] > 0
     assert result.front() and all(r.ok for r in result.front())
     [told] = strategy.told
     assert [r.config for r in told] == configs
     assert by_key(told) == by_key(result.results[2:])
     study = optuna.load_study(study_name=result.study, storage=result.store_url)
-    assert sum(t.state.name == "PRUNED" for t in study.trials) == statuses.count("pruned")
+    assert sum(t.state.name == "PRUNED" for t in study.trials) == \
+        [r.status for r in result.results].count("pruned")
 
 
 def test_failures_do_not_end_the_search(local_ray, digits_model, digits, tmp_path):

@@ -45,16 +45,20 @@ def two_path() -> tuple[nn.Module, Task]:
 
 
 class Recording(Sensitivity):
-    """Sensitivity that keeps everything it proposes."""
+    """Sensitivity that keeps every config it proposes (and which were probes)."""
 
     def setup(self, ctx):
         super().setup(ctx)
         self.asked = []
+        self.probed = []
 
     def ask(self):
-        configs = super().ask()
-        self.asked.extend(configs)
-        return configs
+        proposals = super().ask()
+        for p in proposals:
+            self.asked.append(getattr(p, "config", p))
+            if getattr(p, "probe", False):
+                self.probed.append(p.config)
+        return proposals
 
 
 def search(model, task, out, **kw):
@@ -82,7 +86,7 @@ def test_higher_rank_where_compression_hurts_and_probes_are_reused(tmp_path):
     assert first.evaluated == 6
     probes = {Config(): "dense", Config({"main": Choice("svd", 2)}): "main",
               Config({"side": Choice("svd", 2)}): "side"}
-    assert strategy.asked[:3] == list(probes)  # one batch, first
+    assert strategy.asked[:3] == list(probes) == strategy.probed  # one batch of probes, first
     results = {r.config: r for r in first.results}
     assert results[Config()].metrics["accuracy"] == 1.0
     assert results[Config({"main": Choice("svd", 2)})].metrics["accuracy"] < 0.3

@@ -277,3 +277,98 @@ def test_grouped_spectra_pool_the_groups_and_rank_per_group():
         assert 4 * float((pooled[r:] ** 2).sum()) == pytest.approx(dropped, rel=1e-12)
     rank = site_vbmf_rank(site, conv.weight, "tucker2", space.ranks("0", "tucker2"))
     assert all(1 <= r <= t for r, t in zip(rank, get("tucker2").max_rank(site), strict=True))
+
+
+# -- capabilities read from the registry ----------------------------------------------------
+@pytest.fixture
+def throwaway():
+    """Three factorizations registered for one test only: copies of svd and tucker2 under
+    other names (their `spectral` inherited), and an svd copy without a spectral view."""
+    from ranksearch import factorize
+    from ranksearch.factorize.svd import SVD
+    from ranksearch.factorize.tucker import Tucker2
+
+    class SVDCopy(SVD):
+        name = "svd_copy"
+
+    class Tucker2Copy(Tucker2):
+        name = "tucker2_copy"
+
+    class NoSpectrum(SVD):
+        name = "svd_no_spectrum"
+        spectral = None
+
+    added = [SVDCopy, Tucker2Copy, NoSpectrum]
+    assert not {c.name for c in added} & set(factorize.REGISTRY)
+    for cls in added:
+        factorize.register(cls)
+    try:
+        yield {"svd": "svd_copy", "tucker2": "tucker2_copy"}
+    finally:
+        for cls in added:
+            factorize.REGISTRY.pop(cls.name, None)
+
+
+def test_spectral_capabilities_are_declared_by_the_factorizations():
+    from ranksearch import factorize
+    from ranksearch.vbmf import per_matrix, spectral_methods
+
+    declared = {name: fac.spectral for name, fac in factorize.REGISTRY.items()}
+    assert declared == {"svd": "single", "svd_spatial": "single", "tucker2": "per_matrix",
+                        "cp3": "shared", "cp4": "shared", "cp3_tpm": "shared",
+                        "cp4_tpm": "shared", "tt": None, "tr": None}
+    assert set(spectral_methods()) == {n for n, s in declared.items() if s is not None}
+    assert per_matrix("tucker2") and not per_matrix("svd") and not per_matrix("cp3")
+    nested = {name for name, fac in factorize.REGISTRY.items() if fac.nested}
+    assert nested == {"svd", "svd_spatial", "tucker2", "cp3_tpm", "cp4_tpm"}
+    assert all(fac.nested for fac in factorize.REGISTRY.values() if fac.sliceable)
+
+
+def test_tpm_components_are_nested():
+    """The first r components of a rank-R tensor-power-method fit are the rank-r fit."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 5, 3)
+    space = RankSpace.discover(nn.Sequential(conv), torch.zeros(1, 4, 6, 6),
+                               methods=["cp3_tpm", "cp4_tpm"])
+    for method in ("cp3_tpm", "cp4_tpm"):
+        fac, site = get(method), space.site("0")
+        small = fac.decompose(conv.weight.detach(), site, 3)
+        large = fac.decompose(conv.weight.detach(), site, 6)
+        for key, factor in small.items():
+            torch.testing.assert_close(large[key][:, :3], factor, rtol=1e-6, atol=1e-7)
+
+
+def test_a_registered_factorization_is_used_without_edits(throwaway):
+    """VBMF, error bound and PCA energy read ranks for any factorization that declares a
+    spectral view, and refuse one that does not, with nothing edited but the registry."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(8 * 6 * 6, 10))
+    x = torch.zeros(1, 3, 6, 6)
+
+    def run(strategy, methods):
+        space = RankSpace.discover(model, x, methods=methods)
+        strategy.setup(context((space, CostModel(space), FactorCache(model, space)),
+                               ["flops<=0.5"]))
+        return proposals(strategy)
+
+    def renamed(config):
+        return Config({n: Choice(throwaway.get(c.method, c.method), c.rank)
+                       for n, c in config.items()})
+
+    for name in ("vbmf", "errorbound", "pca_energy"):
+        ours = run(load_strategy(name), ["tucker2_copy", "svd_copy"])
+        theirs = run(load_strategy(name), ["tucker2", "svd"])
+        assert ours and ours == [renamed(c) for c in theirs], name
+        assert {c.method for config in ours for c in config.values()} == {"tucker2_copy",
+                                                                          "svd_copy"}
+        assert load_strategy(name, {"method": "svd_copy"}).method == "svd_copy"
+        with pytest.raises(ranksearch.OptionError, match="matrix"):
+            load_strategy(name, {"method": "svd_no_spectrum"})
+        with pytest.raises(RankSearchError, match="spectrum"):
+            run(load_strategy(name), ["svd_no_spectrum"])
+    site = RankSpace.discover(model, x, methods=["tucker2_copy"]).site("0")
+    w = model[0].weight.detach()
+    assert site_vbmf_rank(site, w, "tucker2_copy") == site_vbmf_rank(site, w, "tucker2")
+    with pytest.raises(NotAdmittedError, match="svd_no_spectrum"):
+        site_matrices(site, w, "svd_no_spectrum")

@@ -1,25 +1,73 @@
-"""Executors run evaluations: `local` in this process; `ray` on a Ray cluster (optional)."""
+"""Executors drive the search loop: `local` in this process; `ray` on a Ray cluster (optional).
+
+The loop's protocol is declared here, so that executors depend on it and not on the loop: a
+driver calls ``loop.propose()`` for the next `Work` (or `WAIT` while the strategy waits on
+running evaluations, or `DONE`), evaluates it with ``evaluate(config, partial=...)``, and hands
+each result to ``loop.finish``; on Ctrl-C it calls ``loop.interrupt()``.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
 
 from ..errors import RankSearchError
-from ..result import Result
+from ..result import Result, result_key
 from ..space import Config
-from .local import LocalExecutor
+
+
+@dataclass(frozen=True)
+class Work:
+    """One evaluation to run: a config, and the number of validation batches of a partial
+    score (None: the proxy's full score)."""
+
+    config: Config
+    partial: int | None = None
+
+    @property
+    def key(self) -> str:
+        return result_key(self.config, self.partial)
+
+
+class Wait:
+    """`SearchLoop.propose`: nothing to start now; results still running are awaited."""
+
+    def __repr__(self) -> str:
+        return "WAIT"
+
+
+class Done:
+    """`SearchLoop.propose`: the search is over (``loop.stopped`` says why)."""
+
+    def __repr__(self) -> str:
+        return "DONE"
+
+
+WAIT: Final = Wait()
+DONE: Final = Done()
+
+#: Scores one config: ``evaluate(config, partial=None) -> Result`` (an `Evaluator`).
+Evaluate = Callable[..., Result]
+
+
+class Loop(Protocol):
+    """What a driver sees of the search loop."""
+
+    @property
+    def stopped(self) -> str | None: ...
+
+    def propose(self) -> Work | Wait | Done: ...
+
+    def finish(self, result: Result) -> None: ...
+
+    def interrupt(self) -> None: ...
 
 
 class Executor(Protocol):
-    """Runs an evaluator over configurations and yields each result as it finishes.
+    """Drives a `Loop` until it is done, evaluating its work with ``evaluate``."""
 
-    An executor may also define ``run(loop, strategy) -> str`` to drive the whole search
-    itself (see `ranksearch.search.SearchLoop`); the local loop is used otherwise.
-    """
-
-    def map(self, evaluate: Callable[[Config], Result], configs: Sequence[Config]
-            ) -> Iterator[Result]: ...
+    def drive(self, loop: Loop, evaluate: Evaluate) -> None: ...
 
 
 def get_executor(name: str | Executor, **options: Any) -> Executor:
@@ -45,4 +93,7 @@ def get_executor(name: str | Executor, **options: Any) -> Executor:
     raise RankSearchError(f"unknown executor {name!r}; choose 'local' or 'ray'")
 
 
-__all__ = ["Executor", "LocalExecutor", "get_executor"]
+from .local import LocalExecutor  # noqa: E402  (it implements the protocol above)
+
+__all__ = ["DONE", "WAIT", "Evaluate", "Executor", "LocalExecutor", "Loop", "Work",
+           "get_executor"]

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-
-from ..result import Result
-from ..space import Config
+from . import DONE, WAIT, Evaluate, Loop
 
 
 class LocalExecutor:
-    """Evaluates configurations in order, in this process (the default; nothing to set up)."""
+    """Drives the loop in this process, one evaluation at a time (the default)."""
 
-    def map(self, evaluate: Callable[[Config], Result], configs: Sequence[Config]
-            ) -> Iterator[Result]:
-        for config in configs:
-            yield evaluate(config)
+    def drive(self, loop: Loop, evaluate: Evaluate) -> None:
+        try:
+            while (work := loop.propose()) is not DONE:
+                if work is WAIT:  # nothing runs here, so nothing can be waited for
+                    raise RuntimeError("the loop waits on results while none is running")
+                loop.finish(evaluate(work.config, partial=work.partial))  # type: ignore[union-attr]
+        except KeyboardInterrupt:
+            loop.interrupt()

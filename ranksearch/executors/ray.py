@@ -1,7 +1,7 @@
 """The Ray executor: a search driven by Ray Tune over the cores, GPUs and nodes of a Ray cluster.
 
-`RayExecutor.run` hands the search to a `ray.tune.Tuner` whose search algorithm wraps our
-strategy (`StrategySearcher`): each config the strategy asks for becomes a Tune trial that runs
+`RayExecutor.drive` hands the search loop to a `ray.tune.Tuner` whose search algorithm adapts
+it (`StrategySearcher`): each piece of work the loop proposes becomes a Tune trial that runs
 our `Evaluator` on a worker, reporting the proxy accuracy at each validation so that ASHA can
 stop weak candidates early. Every finished trial is committed to the store as it ends, so a
 search on Ray resumes after an interruption exactly like a local one. The base model and the
@@ -30,7 +30,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from importlib.metadata import packages_distributions
 from typing import TYPE_CHECKING, Any
 
@@ -51,14 +51,12 @@ from ray.tune.stopper import Stopper
 from ..errors import RankSearchError
 from ..evaluate import Evaluator, ProxySettings
 from ..result import Result
-from ..search import MAX_IDLE_ROUNDS, in_order
 from ..space import Config
-from ..strategy import StopSearch, Strategy
+from . import DONE, WAIT, Evaluate, Loop, Work
 
 if TYPE_CHECKING:
     from ray.tune.experiment import Trial
 
-    from ..search import SearchLoop
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +172,6 @@ class RayExecutor:
         self.trials: list[TrialInfo] = []
         self.startup_seconds = 0.0
         self._owned = False
-        self._driving = False
         self._shipped: tuple[Callable[[Config], Result], _Payload] | None = None
 
     # ------------------------------------------------------------------ the cluster
@@ -254,13 +251,8 @@ class RayExecutor:
             ) -> Iterator[Result]:
         """Evaluate ``configs`` as Ray tasks (at most ``max_concurrent`` at a time), yielding
         each result as it finishes; a task that fails ``max_failures`` + 1 times gives a failed
-        result. While Tune drives a search (a strategy evaluating from its ``ask``), Tune holds
-        the cluster, so they are evaluated here, one after another."""
+        result (scoring outside a search; a search runs through `drive`)."""
         if not configs:
-            return
-        if self._driving:
-            for config in configs:
-                yield evaluate(config)
             return
         self.connect()
         payload = self._payload(evaluate)
@@ -291,11 +283,12 @@ class RayExecutor:
             for ref in running:
                 ray.cancel(ref)
 
-    def run(self, loop: SearchLoop, strategy: Strategy) -> str:
-        """Drive the search with Ray Tune until the loop or the strategy is done; returns why
-        it stopped, as `SearchLoop.run` does."""
-        settings = loop.evaluator.settings
-        searcher = StrategySearcher(loop, strategy, self)
+    def drive(self, loop: Loop, evaluate: Evaluate) -> None:
+        """Drive the search loop with Ray Tune until it is done (see `StrategySearcher`)."""
+        if not isinstance(evaluate, Evaluator):
+            raise RankSearchError("the ray executor drives searches scored by an Evaluator")
+        settings = evaluate.settings
+        searcher = StrategySearcher(loop, evaluate, self)
         storage = tempfile.mkdtemp(prefix="rs-tune-")
         try:
             if settings.device.startswith("cuda") and not self.gpus_per_trial:
@@ -308,7 +301,7 @@ class RayExecutor:
                             self.gpus_per_trial, settings.device)
             self.connect()
             scheduler = self._scheduler(settings)
-            trainable = tune.with_parameters(_trial, payload=self._payload(loop.evaluator),
+            trainable = tune.with_parameters(_trial, payload=self._payload(evaluate),
                                              intermediate=scheduler is not None)
             resources = {"cpu": self.cpus_per_trial, "gpu": self.gpus_per_trial}
             tuner = tune.Tuner(
@@ -324,22 +317,18 @@ class RayExecutor:
                     failure_config=tune.FailureConfig(max_failures=self.max_failures),
                 ),
             )
-            self._driving = True
             with _tune_environment():
                 tuner.fit()
         except KeyboardInterrupt:
-            searcher.stopped = None  # Ctrl-C: what finished is stored; a re-run resumes
+            loop.interrupt()  # what finished is stored; a re-run resumes
         finally:
-            self._driving = False
-            loop.bar.close()
             shutil.rmtree(storage, ignore_errors=True)
             self.close()
         if searcher.error is not None:
             raise searcher.error
-        if searcher.stopped is None:
-            log.warning("interrupted: finished evaluations are stored; run again to resume")
-            return "interrupted"
-        return searcher.stopped
+        if loop.stopped is None:  # Tune ended on its own (e.g. every trial errored)
+            loop.interrupt()
+
 
     def _scheduler(self, settings: ProxySettings) -> ASHAScheduler | None:
         """ASHA on the proxy accuracy over fine-tuning steps (nothing to stop at zero shot)."""
@@ -353,39 +342,21 @@ class RayExecutor:
 # ---------------------------------------------------------------------- the driver side
 
 
-@dataclass
-class _Ask:
-    """One answer of the strategy's ``ask``: its configs in order, the results so far, and the
-    keys still being evaluated."""
-
-    configs: list[Config]
-    results: dict[str, Result]
-    waiting: set[str] = field(default_factory=set)
-
-
 class StrategySearcher(Searcher):
-    """A Tune search algorithm that takes its configs from a ranksearch `Strategy`.
+    """A Tune search algorithm that adapts the search loop to Tune.
 
-    ``suggest`` hands out the new configs of the strategy's asks one per trial; stored,
-    infeasible and already running configs are not run again, and their results join the ask's
-    batch. It returns None (nothing yet) when the strategy waits for results that are still
-    running, and ``FINISHED`` when the strategy stops, the budget or time is spent, or the
-    strategy keeps proposing nothing new. Each finished trial is recorded at once; each ask is
-    told, in ask order, once all its results are in.
+    ``suggest`` hands out the loop's next `Work`, one per trial: None while the loop waits on
+    running trials, ``FINISHED`` when it is done. Each finished (or failed, or ASHA-stopped)
+    trial's result goes to ``loop.finish``. The loop itself decides everything else.
     """
 
-    def __init__(self, loop: SearchLoop, strategy: Strategy, executor: RayExecutor) -> None:
+    def __init__(self, loop: Loop, evaluator: Evaluator, executor: RayExecutor) -> None:
         super().__init__()
         self.loop = loop
-        self.strategy = strategy
+        self.evaluator = evaluator
         self.executor = executor
-        self.stopped: str | None = None
         self.error: BaseException | None = None
-        self._queue: deque[Config] = deque()
-        self._asks: deque[_Ask] = deque()
-        self._trials: dict[str, Config] = {}
-        self._in_flight: set[str] = set()
-        self._waiting = False
+        self._trials: dict[str, Work] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its configuration with the searcher; the store, not Tune, resumes a search.
@@ -395,89 +366,39 @@ class StrategySearcher(Searcher):
         """Nothing to save: the store is the search's checkpoint."""
 
     def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-        if self.stopped is not None:
+        if self.error is not None:
             return Searcher.FINISHED
         try:
-            return self._suggest(trial_id)
+            work = self.loop.propose()
         except Exception as e:
             self._fail(e)
             return Searcher.FINISHED
-
-    def _suggest(self, trial_id: str) -> dict[str, Any] | str | None:
-        idle = 0
-        while self.stopped is None:
-            if self._queue:
-                config = self._queue.popleft()
-                self._trials[trial_id] = config
-                return {"config": config.key}
-            if self._waiting:
-                return None
-            reason = self._exhausted()
-            if reason is not None:
-                self.stopped = reason
-                break
-            try:
-                configs = self.strategy.ask()
-            except StopSearch:
-                self.stopped = "strategy finished"
-                break
-            if self._add(configs):
-                continue
-            if self._in_flight:
-                self._waiting = True
-                return None
-            idle += 1
-            if idle >= MAX_IDLE_ROUNDS:
-                log.warning("%s proposed nothing new in %d rounds; stopping",
-                            self.strategy.name, idle)
-                self.stopped = "strategy exhausted"
-        return Searcher.FINISHED
-
-    def _exhausted(self) -> str | None:
-        reason = self.loop.exhausted()
-        if reason is None and self.loop.stored + len(self._in_flight) >= self.loop.evaluations:
-            return "finished"
-        return reason
-
-    def _add(self, configs: Sequence[Config]) -> int:
-        """Queue the new configs of an ask (within the budget); the number queued."""
-        known, todo = self.loop.triage(configs)
-        room = self.loop.evaluations - self.loop.stored - len(self._in_flight)
-        ask = _Ask(list(configs), known)
-        queued = 0
-        for config in todo:
-            if config.key not in self._in_flight:
-                if queued >= room:
-                    continue
-                self._queue.append(config)
-                self._in_flight.add(config.key)
-                queued += 1
-            ask.waiting.add(config.key)
-        self._asks.append(ask)
-        self._tell_ready()
-        return queued
+        if work is DONE:
+            return Searcher.FINISHED
+        if work is WAIT:
+            return None
+        self._trials[trial_id] = work  # type: ignore[assignment]
+        return {"config": work.config.key, "partial": work.partial}  # type: ignore[union-attr]
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None,
                           error: bool = False) -> None:
         if error:
             return  # recorded by `trial_failed`, which sees the trial's error
-        config = self._trials.pop(trial_id, None)
-        if config is None:
+        work = self._trials.pop(trial_id, None)
+        if work is None:
             return
-        if result is None:  # removed before it ran: run it later
-            self._queue.appendleft(config)
+        if result is None:  # removed before it ran: its result never comes
+            self._finish(_failed(self.evaluator, work, "the trial was removed before it ran"),
+                         None, math.nan)
             return
-        try:
-            self._done(config, self._result(config, result), result.get("node"),
-                       result.get("time_total_s", 0.0))
-        except Exception as e:
-            self._fail(e)
+        self._finish(self._result(work, result), result.get("node"),
+                     result.get("time_total_s", 0.0))
 
     def trial_failed(self, trial: Trial) -> None:
         """Record a trial that raised, or whose worker died, on its last attempt (or stop the
         search when workers cannot load its code)."""
-        config = self._trials.pop(trial.trial_id, None)
-        if config is None:
+        work = self._trials.pop(trial.trial_id, None)
+        if work is None:
             return
         error = _trial_error(trial)
         if (stop := _environment_error(error)) is not None:
@@ -486,51 +407,36 @@ class StrategySearcher(Searcher):
         attempts = trial.num_failures
         reason = f"{_describe(error)} ({attempts} attempt{'s' if attempts > 1 else ''})"
         log.warning("candidate failed on the cluster: %s", reason)
-        try:
-            self._done(config, _failed(self.loop.evaluator, config, reason),
-                       trial.last_result.get("node"), math.nan, attempts)
-        except Exception as e:
-            self._fail(e)
+        self._finish(_failed(self.evaluator, work, reason), trial.last_result.get("node"),
+                     math.nan, attempts)
 
-    def _result(self, config: Config, last: dict[str, Any]) -> Result:
+    def _result(self, work: Work, last: dict[str, Any]) -> Result:
         """Our result of a trial that ended: its own, or a pruned one from its last report."""
         if "result" in last:
             return Result.from_json(json.loads(last["result"]))
-        evaluator = self.loop.evaluator
+        evaluator = self.evaluator
         if METRIC not in last:
-            return _failed(evaluator, config, "the trial ended without reporting")
-        metrics = {**evaluator.costs.metrics(config), METRIC: float(last[METRIC])}
+            return _failed(evaluator, work, "the trial ended without reporting")
+        metrics = {**evaluator.costs.metrics(work.config), METRIC: float(last[METRIC])}
         step = int(last.get(STEP, 0))
         return evaluator.result(
-            config, metrics, "pruned",
+            work.config, metrics, "pruned",
             f"stopped early by ASHA at step {step} of {evaluator.settings.steps}",
             wall_time=float(last.get("time_total_s", 0.0)))
 
-    def _done(self, config: Config, result: Result, node: str | None, seconds: float,
-              attempts: int = 1) -> None:
-        self.loop.record(result)
-        self.executor.trials.append(TrialInfo(config.key, node, result.status,
+    def _finish(self, result: Result, node: str | None, seconds: float,
+                attempts: int = 1) -> None:
+        try:
+            self.loop.finish(result)
+        except Exception as e:
+            self._fail(e)
+        self.executor.trials.append(TrialInfo(result.config.key, node, result.status,
                                               float(seconds), attempts))
-        self._in_flight.discard(config.key)
-        self._waiting = False
-        for ask in self._asks:
-            if config.key in ask.waiting:
-                ask.waiting.discard(config.key)
-                ask.results[config.key] = result
-        self._tell_ready()
-
-    def _tell_ready(self) -> None:
-        while self._asks and not self._asks[0].waiting and self.error is None:
-            ask = self._asks.popleft()
-            results = in_order(ask.configs, ask.results)
-            if results:
-                self.loop.tell(self.strategy, results)
 
     def _fail(self, error: BaseException) -> None:
         """Keep the first error of our own (a strategy's, the store's) to raise after Tune."""
         if self.error is None:
             self.error = error
-        self.stopped = self.stopped or "error"
 
 
 class _Stop(Stopper):
@@ -639,11 +545,13 @@ def _environment_error(error: BaseException | str) -> RankSearchError | None:
     )
 
 
-def _failed(evaluate: Callable[[Config], Result], config: Config, reason: str) -> Result:
-    """A failed result of ``config`` with its costs (when an evaluator prices them)."""
+def _failed(evaluate: Callable[..., Result], work: Work | Config, reason: str) -> Result:
+    """A failed result of ``work`` with its costs (when an evaluator prices them)."""
+    work = work if isinstance(work, Work) else Work(work)
     if isinstance(evaluate, Evaluator):
-        return evaluate.result(config, evaluate.costs.metrics(config), "failed", reason)
-    return Result(config, {}, "failed", reason)
+        return evaluate.result(work.config, evaluate.costs.metrics(work.config), "failed",
+                               reason, partial=work.partial)
+    return Result(work.config, {}, "failed", reason, partial=work.partial)
 
 
 def _host_port(address: str) -> tuple[str, int]:
@@ -737,8 +645,9 @@ def _trial(params: dict[str, Any], payload: _Payload, intermediate: bool) -> Non
             tune.report({METRIC: accuracy, STEP: step, "node": node})
         return True
 
-    config = Config.from_json(params["config"])
-    result = evaluator(config, report=report if intermediate else None)
+    config, partial = Config.from_json(params["config"]), params.get("partial")
+    result = evaluator(config, report=report if intermediate and partial is None else None,
+                       partial=partial)
     tune.report({METRIC: result.metrics.get(METRIC, math.nan), STEP: steps, "node": node,
                  "result": json.dumps(result.to_json())})
 

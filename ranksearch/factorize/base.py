@@ -6,7 +6,7 @@ import numbers
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from math import prod
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import nn
@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from ..space import Rank, Site
 
 Factors = dict[str, torch.Tensor]
+#: How matrix spectra decide a rank (see `Factorization.spectral`).
+Spectral = Literal["single", "per_matrix", "shared"]
 GROUPED_METHODS = ("svd", "tucker2")  # the factorizations that admit grouped convs
 
 
@@ -56,6 +58,17 @@ class Factorization(ABC):
     ``exact_at_max`` is True when the module built at `max_rank` reproduces the layer up to
     rounding (SVD, spatial SVD, Tucker-2, TT, TR); False when `max_rank` is only the largest
     rank offered (CP: a capped bound on the CP rank, fitted approximately).
+
+    ``nested`` is True when the components of the fit at rank r are the first r of the fit at
+    any larger rank: every sliceable method, and the greedy CP fits (tensor power method),
+    which are nested but still decomposed per rank (a rank costs only its own components).
+
+    ``spectral`` says how the spectra of `spectral_matrices` decide the rank, for the
+    data-free rank selection of `ranksearch.vbmf` (VBMF, error bound, PCA energy):
+    ``"single"`` the rank of one matrix (SVD); ``"per_matrix"`` one rank component per matrix
+    (Tucker-2: ``(r_in, r_out)``); ``"shared"`` one rank for all the matrices (CP, read off the
+    Tucker unfoldings as a proxy); None when the rank is not a matrix rank (TT, TR). A new
+    factorization that sets it is used by those strategies as it is.
     """
 
     name: ClassVar[str]
@@ -66,6 +79,8 @@ class Factorization(ABC):
     # from the end (factors may carry leading dims, e.g. one per group)
     rank_dims: ClassVar[tuple[tuple[str, int, int], ...]] = ()
     description: ClassVar[str] = ""
+    nested: ClassVar[bool] = False
+    spectral: ClassVar[Spectral | None] = None
 
     # -- what a site admits -------------------------------------------------------------------
     def admits(self, site: Site) -> str | None:
@@ -149,6 +164,22 @@ class Factorization(ABC):
     def macs(self, site: Site, rank: Rank) -> int:
         return sum(s.macs for s in self.stages(site, rank))
 
+    # -- spectra --------------------------------------------------------------------------------
+    def spectral_matrices(self, site: Site, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The matrices whose spectra decide the rank on ``site`` (one group's ``weight``), in
+        the order of the rank's components: for ``spectral="single"`` the weight as
+        out × in·kh·kw (O × I for a linear layer); otherwise the in-channel (mode-1) and
+        out-channel (mode-0) unfoldings. Raises `NotAdmittedError` when ``spectral`` is None.
+        """
+        if self.spectral is None:
+            raise NotAdmittedError(
+                f"{self.name!r} ranks are not read off a matrix spectrum; VBMF, error-bound "
+                "and PCA energy rank selection need a factorization with matrix ranks"
+            )
+        if self.spectral == "single":
+            return (weight.reshape(weight.shape[0], -1),)
+        return channel_unfoldings(weight)
+
     # -- numerics -------------------------------------------------------------------------------
     @abstractmethod
     def decompose(self, weight: torch.Tensor, site: Site, rank: Rank, **options: Any) -> Factors:
@@ -203,6 +234,12 @@ def cut(factor: torch.Tensor, dim: int, length: int, name: str) -> torch.Tensor:
             f"dim {dim}, fewer than the requested {length}; decompose at a rank at least as large"
         )
     return factor.narrow(dim, 0, length)
+
+
+def channel_unfoldings(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The in-channel (S × T·kh·kw) and out-channel (T × S·kh·kw) unfoldings of a kernel."""
+    return (weight.movedim(1, 0).reshape(weight.shape[1], -1),
+            weight.reshape(weight.shape[0], -1))
 
 
 def admitting(site: Site) -> str:

@@ -43,6 +43,7 @@ from . import register
 from .base import (
     Factorization,
     Factors,
+    Spectral,
     Stage,
     axis_kwargs,
     conv_kwargs,
@@ -62,6 +63,9 @@ class _CP(Factorization):
     exact_at_max: ClassVar[bool] = False  # see the module docstring
     modes: ClassVar[tuple[str, ...]]  # factor names, in the order of the tensor's modes
     alternative: ClassVar[str]  # the same layers fitted by the other algorithm
+    nested: ClassVar[bool] = False  # ALS fits at two ranks share no components
+    # one rank for both channel unfoldings: a proxy, as a CP rank has no matrix of its own
+    spectral: ClassVar[Spectral | None] = "shared"
 
     # -- the tensor view ------------------------------------------------------------------------
     @abstractmethod
@@ -229,7 +233,15 @@ class _CP(Factorization):
 
 
 class _TPM:
-    """Fitting by the greedy tensor power method (Astrid & Lee 2018, Algorithm 1)."""
+    """Fitting by the greedy tensor power method (Astrid & Lee 2018, Algorithm 1).
+
+    Nested (``nested`` is True): each component is fitted to the residual of the ones before
+    it, whatever the rank asked, so the components at rank r are the first r at any larger
+    rank (and so are the balanced factors, which scale each component on its own). Not
+    sliceable all the same: each rank is decomposed on its own.
+    """
+
+    nested: ClassVar[bool] = True
 
     def fit(
         self, tensor: torch.Tensor, rank: int, *, n_iter: int = 50, tol: float = 1e-10

@@ -167,6 +167,8 @@ class SVD(Factorization):
     kinds = ("conv2d", "linear")
     rank_dims = (("left", -1, 0), ("right", -2, 0))  # (g ×) T × r and (g ×) r × n
     description = "truncated SVD over channels: k×k conv S→R, 1×1 conv R→T (or two Linears)"
+    nested = True
+    spectral = "single"  # the rank of the out × in·kh·kw matrix
 
     def admits_groups(self, site: Site) -> str | None:
         _, _, t_g = group_shape(site)
@@ -241,6 +243,8 @@ class SpatialSVD(Factorization):
     kinds = ("conv2d",)
     rank_dims = (("left", -1, 0), ("right", -2, 0))  # (S·kh) × r and r × (T·kw)
     description = "spatial SVD (Jaderberg): kh×1 conv S→R, 1×kw conv R→T"
+    nested = True
+    spectral = "single"
 
     def admits(self, site: Site) -> str | None:
         reason = super().admits(site)
@@ -251,6 +255,11 @@ class SpatialSVD(Factorization):
     def max_rank(self, site: Site) -> int:
         kh, kw = site.kernel_size
         return min(site.in_features * kh, site.out_features * kw)
+
+    def spectral_matrices(self, site: Site, weight: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The (S·kh) × (T·kw) matrix of Jaderberg et al. that the rank truncates."""
+        (kh, kw), s, t = site.kernel_size, site.in_features, site.out_features
+        return (weight.permute(1, 2, 0, 3).reshape(s * kh, t * kw),)
 
     def stages(self, site: Site, rank: int) -> list[Stage]:
         r = self.normalize_rank(site, rank)

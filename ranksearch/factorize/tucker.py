@@ -35,6 +35,8 @@ class Tucker2(Factorization):
     # (g ×) S × r_in, (g ×) T × r_out, (g ×) r_out × r_in × kh × kw
     rank_dims = (("in", -1, 0), ("out", -1, 1), ("core", -4, 1), ("core", -3, 0))
     description = "Tucker-2 (Kim): 1×1 conv S→r_in, k×k conv r_in→r_out, 1×1 conv r_out→T"
+    nested = True
+    spectral = "per_matrix"  # r_in, r_out from the in- and out-channel unfoldings
 
     def admits_groups(self, site: Site) -> str | None:
         _, s_g, t_g = group_shape(site)
