@@ -29,11 +29,12 @@ from matplotlib.figure import Figure
 from tqdm import tqdm
 
 import ranksearch
+from ranksearch.config import Config
+from ranksearch.datasets import load_task
 from ranksearch.pareto import front, hypervolume, parse_objectives, reference_point
 from ranksearch.result import Result
-from ranksearch.space import Config
 from ranksearch.strategy import available_strategies
-from ranksearch.task import load_task, pretrained
+from ranksearch.training import pretrained
 
 CHECKPOINTS = (16, 32, 64)
 OBJECTIVES = parse_objectives(("accuracy", "flops"))

@@ -46,13 +46,16 @@ import ranksearch
 from ranksearch import factorize
 from ranksearch.cache import FactorCache
 from ranksearch.clone import clone_module
+from ranksearch.config import Choice, Config
 from ranksearch.constraints import Constraint
 from ranksearch.cost import CostModel, measure_latency
+from ranksearch.datasets import load_task
 from ranksearch.pareto import hypervolume
 from ranksearch.report import format_config, front_figure, write_atomic
-from ranksearch.space import Choice, Config, RankSpace
+from ranksearch.space import RankSpace
 from ranksearch.strategy import largest_true
-from ranksearch.task import Task, evaluate_accuracy, load_task, pretrained, train_baseline
+from ranksearch.task import Task
+from ranksearch.training import evaluate_accuracy, pretrained, train_baseline
 
 HERE = Path(__file__).resolve().parent
 STRATEGIES = ("uniform", "proportional", "random", "vbmf", "errorbound", "pca_energy",
@@ -65,7 +68,7 @@ STRATEGIES = ("uniform", "proportional", "random", "vbmf", "errorbound", "pca_en
 STRATEGY_OPTIONS: dict[str, dict[str, Any]] = {"beam": {"width": 1, "moves": 2}}
 UNIFORM_METHODS = ("tucker2", "cp3_tpm", "svd")
 BUDGETS = ("params<=0.25", "params<=0.5", "flops<=0.5")
-# model -> options of its baseline training (`ranksearch.task.pretrained`)
+# model -> options of its baseline training (`ranksearch.training.pretrained`)
 MODELS: dict[str, dict[str, Any]] = {"resnet20": {"epochs": 4}, "vgg-small": {"epochs": 3}}
 NOT_RUN = {"bayes_tt": "searches tensor-train ranks only, a space of its own"}
 

@@ -26,9 +26,10 @@ from collections.abc import Callable
 import torch
 
 import ranksearch
+from ranksearch.datasets import load_task
 from ranksearch.evaluate import Evaluator, ProxySettings
 from ranksearch.executors.ray import RayExecutor
-from ranksearch.task import load_task, pretrained
+from ranksearch.training import pretrained
 
 
 def evaluate_in_process(job: tuple[str, int, int]) -> float:

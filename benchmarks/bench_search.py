@@ -15,7 +15,8 @@ import time
 import torch
 
 import ranksearch
-from ranksearch.task import load_task, pretrained
+from ranksearch.datasets import load_task
+from ranksearch.training import pretrained
 
 
 def main() -> None:

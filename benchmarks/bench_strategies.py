@@ -20,8 +20,9 @@ import torch
 from fashion import ensure_fashion_mnist
 
 import ranksearch
+from ranksearch.datasets import load_task
 from ranksearch.report import plot_fronts
-from ranksearch.task import load_task, pretrained
+from ranksearch.training import evaluate_accuracy, pretrained
 
 STRATEGIES = ("uniform", "vbmf", "errorbound", "pca_energy", "sensitivity", "beam")
 BUDGETS = ("params<=0.25", "flops<=0.5")
@@ -50,7 +51,7 @@ def main() -> None:
         options, model_name, train = TASKS[name]
         task = load_task(name, **options)
         model = pretrained(model_name, name, cache_dir=out / "checkpoints", task=task, **train)
-        dense = ranksearch.task.evaluate_accuracy(model, task.val)
+        dense = evaluate_accuracy(model, task.val)
         print(f"\n{name}: {model_name}, dense val accuracy {dense:.4f}; {args.evaluations} "
               f"evaluations per search, {args.steps} fine-tuning steps per candidate")
         print(f"{'strategy':12} {'hypervolume':>11} "

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import subprocess
 
+from ranksearch.datasets import load_task
 from ranksearch.errors import DatasetNotFoundError
-from ranksearch.task import load_task
 
 
 def ensure_fashion_mnist() -> bool:

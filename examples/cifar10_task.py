@@ -17,7 +17,8 @@ The CLI does the same:
 import argparse
 
 import ranksearch
-from ranksearch.task import load_task, pretrained
+from ranksearch.datasets import load_task
+from ranksearch.training import pretrained
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("root", help="the folder of the CIFAR-10 python batches")

@@ -6,7 +6,8 @@ Run: python examples/quickstart.py  (trains the digits CNN once, ~10 s, then sea
 import torch
 
 import ranksearch
-from ranksearch.task import evaluate_accuracy, load_task, pretrained
+from ranksearch.datasets import load_task
+from ranksearch.training import evaluate_accuracy, pretrained
 
 torch.set_num_threads(2)
 task = load_task("digits")  # scikit-learn's digits: 1×8×8 images, 10 classes

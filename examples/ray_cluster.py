@@ -49,9 +49,10 @@ import argparse
 from collections import Counter
 
 import ranksearch
+from ranksearch.datasets import load_task
 from ranksearch.evaluate import ProxySettings
 from ranksearch.executors.ray import RayExecutor
-from ranksearch.task import load_task, pretrained
+from ranksearch.training import pretrained
 
 
 def main() -> None:

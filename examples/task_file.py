@@ -12,7 +12,8 @@ from sklearn.preprocessing import StandardScaler
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from ranksearch.task import Task, train_baseline
+from ranksearch.task import Task
+from ranksearch.training import train_baseline
 
 
 def factory() -> tuple[nn.Module, Task]:

@@ -13,8 +13,10 @@ compressed model from plain torch layers, and search per-layer ranks for a budge
 """
 
 from .cache import FactorCache
+from .config import Choice, Config
 from .constraints import Constraint
 from .cost import CostModel, EnergyTable, measure_latency
+from .datasets import load_task
 from .errors import (
     CandidateFailed,
     ConfigError,
@@ -42,7 +44,8 @@ from .fingerprint import Fingerprint
 from .pareto import Objective
 from .result import Result
 from .search import SearchResult, search
-from .space import Choice, Config, RankSpace, Site, SpaceSpec
+from .site import Site
+from .space import RankSpace, SpaceSpec
 from .strategy import (
     Proposal,
     SearchContext,
@@ -53,7 +56,7 @@ from .strategy import (
     load_strategy,
 )
 from .surgery import compress, load, save
-from .task import Task, load_task, load_user_task
+from .task import Task, load_user_task
 
 __all__ = [
     "CandidateFailed",

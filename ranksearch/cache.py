@@ -10,8 +10,10 @@ from torch import nn
 
 from . import factorize
 from .clone import clone_module
+from .config import Choice
 from .factorize import Factors
-from .space import Choice, Rank, RankSpace, Site
+from .site import Rank, Site
+from .space import RankSpace
 from .vbmf import site_spectra
 
 log = logging.getLogger(__name__)

@@ -21,8 +21,10 @@ from torch import nn
 from . import __version__, factorize
 from .cache import FactorCache, effective_rank
 from .checks import check_device
+from .config import Config
 from .constraints import parse_constraints
 from .cost import CostModel
+from .datasets import REFERENCE_MODELS, load_task
 from .errors import RankSearchError
 from .evaluate import ProxySettings
 from .export import scored_model, study_of
@@ -31,17 +33,11 @@ from .pareto import describe_hypervolume, parse_objectives
 from .report import front_table, plot_fronts, write_csv, write_json, written_line
 from .schedules import SCHEDULES, finetune
 from .search import SearchResult, search
-from .space import Config, SpaceSpec
+from .space import SpaceSpec
 from .store import list_studies, read_objectives, read_study
 from .strategy import Strategy, available_strategies, load_strategy
-from .task import (
-    REFERENCE_MODELS,
-    Task,
-    evaluate_accuracy,
-    load_task,
-    load_user_task,
-    pretrained,
-)
+from .task import Task, load_user_task
+from .training import evaluate_accuracy, pretrained
 
 DEMO_STRATEGY = "pca_energy"
 

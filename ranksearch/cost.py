@@ -21,9 +21,11 @@ import torch
 from torch import nn
 
 from . import factorize
+from .config import DENSE, Choice, Config
 from .errors import RankSearchError
 from .factorize.base import Stage, dense_stage, is_int
-from .space import DENSE, Choice, Config, RankSpace, Site
+from .site import Site
+from .space import RankSpace
 
 PJ = 1e-12  # joules per picojoule
 METRICS = ("params", "macs", "flops", "energy")

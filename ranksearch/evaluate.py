@@ -16,11 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .cache import FactorCache
+from .config import Config
 from .cost import CostModel, measure_latency
 from .errors import CandidateFailed, RankSearchError
 from .fingerprint import Fingerprint, fingerprint
 from .result import Result, Status
-from .space import Config, RankSpace
+from .space import RankSpace
 from .surgery import compress
 from .task import Task
 

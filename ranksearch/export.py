@@ -29,13 +29,14 @@ import torch
 from torch import nn
 
 from .clone import clone_module
+from .config import Config
 from .constraints import Constraint
 from .errors import ExportError
 from .evaluate import Evaluator, ProxySettings
 from .pareto import best
 from .report import write_atomic
 from .result import Result
-from .space import Config, SpaceSpec
+from .space import SpaceSpec
 from .store import StoreError, default_url, list_studies, read_fingerprint, read_study
 from .surgery import save
 from .task import Task

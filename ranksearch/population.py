@@ -7,10 +7,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .config import Choice, Config
 from .cost import METRICS as PRICED
 from .pareto import Objective
 from .result import Result
-from .space import Choice, Config
 from .strategy import SearchContext
 
 

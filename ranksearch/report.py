@@ -19,6 +19,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .config import Config
 from .constraints import (
     COST_METRICS,
     COUNT_METRICS,
@@ -29,7 +30,6 @@ from .constraints import (
 from .errors import ConstraintError
 from .pareto import Objective, eligible, front, parse_objectives
 from .result import Result
-from .space import Config
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .space import Config
+from .config import Config
 
 Status = Literal["ok", "failed", "pruned"]
 

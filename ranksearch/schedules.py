@@ -10,7 +10,7 @@
 - ``hybrid``: Astrid & Lee's Algorithm 2: the convolutions iteratively, then all linear layers
   at once and one last fine-tune (one-shot is better than iterative for FC layers, §3.3).
 
-Each fine-tune is `ranksearch.task.train_baseline` (AdamW, cosine schedule) for ``epochs``.
+Each fine-tune is `ranksearch.training.train_baseline` (AdamW, cosine schedule) for ``epochs``.
 """
 
 from __future__ import annotations
@@ -20,10 +20,11 @@ import logging
 from torch import nn
 
 from .cache import FactorCache
+from .config import Config
 from .errors import RankSearchError
-from .space import Config
 from .surgery import compress
-from .task import Task, train_baseline
+from .task import Task
+from .training import train_baseline
 
 log = logging.getLogger(__name__)
 

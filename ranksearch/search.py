@@ -13,6 +13,7 @@ import numpy as np
 from torch import nn
 
 from .checks import check_task
+from .config import Choice, Config
 from .constraints import Constraint, parse_constraints
 from .cost import METRICS as PRICED
 from .cost import CostModel
@@ -23,7 +24,7 @@ from .fingerprint import Fingerprint
 from .loop import SearchLoop, Termination
 from .pareto import Objective, best, front, hypervolume, knee, parse_objectives, reference_point
 from .result import Result
-from .space import Choice, Config, RankSpace, SpaceSpec
+from .space import RankSpace, SpaceSpec
 from .store import Store, default_url
 from .strategy import SearchContext, Strategy, Training, load_strategy
 from .task import Task

@@ -1,25 +1,25 @@
-"""Sites, choices and configurations, and the discovery of decomposable layers in a model.
+"""The rank space of a model: the discovery of its decomposable layers (`Site`, in
+`ranksearch.site`) and the rank grid each factorization allows.
 
-A `Site` is one Conv2d or Linear layer as seen in a traced forward pass. A `Choice` is the
-factorization and rank for one site. A `Config` maps site names to choices; sites it does not
-name stay dense. A `RankSpace` holds the sites and the rank grid each factorization allows.
+`SpaceSpec` holds the options that decide which layers a search may factorize and how; a
+`RankSpace` holds the sites and their grids, and makes `Config`s (`ranksearch.config`) from them.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from math import prod
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from . import factorize
+from .config import DENSE, Choice, Config
 from .errors import (
     ConfigError,
     InputShapeError,
@@ -28,221 +28,9 @@ from .errors import (
     RankSearchError,
     UnknownLayerError,
 )
+from .site import Rank, Site
 
-Rank = int | tuple[int, ...]
 DEFAULT_METHODS: dict[str, tuple[str, ...]] = {"conv2d": ("tucker2",), "linear": ("svd",)}
-
-
-@dataclass(frozen=True)
-class Site:
-    """One Conv2d or Linear layer of a model.
-
-    ``in_size`` and ``out_size`` are the spatial sizes (H, W) a convolution sees in the traced
-    forward pass, or for a linear layer the leading dimensions between batch and features
-    (``()`` for an input of shape (N, I)); ``calls`` is how often the forward pass ran it
-    (sizes are those of its first call). ``methods`` lists the factorizations it admits;
-    when empty, ``reason`` says why it is not decomposable.
-    """
-
-    name: str
-    kind: Literal["conv2d", "linear"]
-    in_features: int
-    out_features: int
-    kernel_size: tuple[int, int] = (1, 1)
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] | str = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
-    groups: int = 1
-    padding_mode: str = "zeros"
-    bias: bool = True
-    in_size: tuple[int, ...] = ()
-    out_size: tuple[int, ...] = ()
-    calls: int = 1
-    methods: tuple[str, ...] = ()
-    reason: str | None = None
-
-    @property
-    def weight_shape(self) -> tuple[int, ...]:
-        if self.kind == "linear":
-            return (self.out_features, self.in_features)
-        return (self.out_features, self.in_features // self.groups, *self.kernel_size)
-
-    @property
-    def dense_params(self) -> int:
-        return prod(self.weight_shape) + (self.out_features if self.bias else 0)
-
-    @property
-    def decomposable(self) -> bool:
-        return bool(self.methods)
-
-    @classmethod
-    def from_module(
-        cls,
-        name: str,
-        module: nn.Module,
-        in_size: tuple[int, ...] = (),
-        out_size: tuple[int, ...] = (),
-    ) -> Site:
-        """The site of ``module`` (sizes unknown unless given; costs need traced sizes)."""
-        bias = getattr(module, "bias", None) is not None
-        if isinstance(module, nn.Conv2d):
-            padding = module.padding
-            return cls(
-                name=name,
-                kind="conv2d",
-                in_features=module.in_channels,
-                out_features=module.out_channels,
-                kernel_size=tuple(module.kernel_size),
-                stride=tuple(module.stride),
-                padding=padding if isinstance(padding, str) else tuple(padding),
-                dilation=tuple(module.dilation),
-                groups=module.groups,
-                padding_mode=module.padding_mode,
-                bias=bias,
-                in_size=in_size,
-                out_size=out_size,
-            )
-        if isinstance(module, nn.Linear):
-            return cls(
-                name=name,
-                kind="linear",
-                in_features=module.in_features,
-                out_features=module.out_features,
-                bias=bias,
-                in_size=in_size,
-                out_size=out_size,
-            )
-        raise UnknownLayerError(
-            f"layer {name!r} is a {type(module).__name__}; only nn.Conv2d and nn.Linear "
-            "layers can be factorized"
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Site:
-        data = dict(data)
-        for key in ("kernel_size", "stride", "dilation", "in_size", "out_size", "methods"):
-            data[key] = tuple(data[key])
-        if not isinstance(data["padding"], str):
-            data["padding"] = tuple(data["padding"])
-        return cls(**data)
-
-
-@dataclass(frozen=True)
-class Choice:
-    """The factorization of one site: ``method`` and ``rank`` (an int, or a tuple for tucker2
-    (in, out) and tt/tr (inner ranks)). ``Choice("dense")`` keeps the layer as it is."""
-
-    method: str
-    rank: Rank | None = None
-
-    def __post_init__(self) -> None:
-        if isinstance(self.rank, list):
-            object.__setattr__(self, "rank", tuple(self.rank))
-        if (self.method == "dense") != (self.rank is None):
-            raise ConfigError(
-                f"Choice({self.method!r}, {self.rank!r}): 'dense' takes no rank and every "
-                "factorization needs one"
-            )
-
-    @property
-    def is_dense(self) -> bool:
-        return self.method == "dense"
-
-    def to_json(self) -> dict[str, Any]:
-        rank = list(self.rank) if isinstance(self.rank, tuple) else self.rank
-        return {"method": self.method, "rank": rank}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Choice:
-        try:
-            return cls(data["method"], data.get("rank"))
-        except (KeyError, TypeError) as e:
-            raise ConfigError(
-                f"a choice must be {{'method': ..., 'rank': ...}}, got {data!r}"
-            ) from e
-
-    def __str__(self) -> str:
-        if self.is_dense:
-            return "dense"
-        rank = "x".join(map(str, self.rank)) if isinstance(self.rank, tuple) else self.rank
-        return f"{self.method}:{rank}"
-
-
-DENSE = Choice("dense")
-
-
-class Config(Mapping[str, Choice]):
-    """An immutable, hashable mapping from site name to `Choice`; unnamed sites stay dense.
-
-    Dense entries are dropped, so two configs that build the same model are equal.
-    """
-
-    __slots__ = ("_items",)
-    _items: tuple[tuple[str, Choice], ...]
-
-    def __init__(self, choices: Mapping[str, Choice] | Iterable[tuple[str, Choice]] = ()) -> None:
-        pairs = choices.items() if isinstance(choices, Mapping) else choices
-        items = {}
-        for name, choice in pairs:
-            if not isinstance(choice, Choice):
-                raise ConfigError(f"config entry {name!r} must be a Choice, got {choice!r}")
-            if not choice.is_dense:
-                items[name] = choice
-        object.__setattr__(self, "_items", tuple(sorted(items.items())))
-
-    def __setattr__(self, name: str, value: object) -> None:
-        raise AttributeError("Config is immutable")
-
-    def __getitem__(self, name: str) -> Choice:
-        for key, choice in self._items:
-            if key == name:
-                return choice
-        raise KeyError(name)
-
-    def get(self, name: str, default: Any = DENSE) -> Any:  # type: ignore[override]
-        return super().get(name, default)
-
-    def __iter__(self) -> Iterator[str]:
-        return (k for k, _ in self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def __hash__(self) -> int:
-        return hash(self._items)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Config) and self._items == other._items
-
-    def __repr__(self) -> str:
-        return f"Config({{{', '.join(f'{k!r}: {v}' for k, v in self._items)}}})"
-
-    def with_choices(self, changes: Mapping[str, Choice]) -> Config:
-        """A copy with the choices of some sites replaced."""
-        return Config({**dict(self._items), **changes})
-
-    def to_json(self) -> dict[str, Any]:
-        return {name: choice.to_json() for name, choice in self._items}
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any] | str) -> Config:
-        if isinstance(data, str):
-            try:
-                data = json.loads(data)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"config is not valid JSON: {e}") from e
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"a config must be a JSON object of site → choice, got {data!r}")
-        return cls({name: Choice.from_json(c) for name, c in data.items()})
-
-    @property
-    def key(self) -> str:
-        """A stable string identifying the config (equal configs have equal keys)."""
-        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
-
 
 
 @dataclass(frozen=True)

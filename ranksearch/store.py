@@ -24,11 +24,12 @@ import sqlalchemy
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
+from .config import Config
 from .errors import StoreError
 from .fingerprint import Fingerprint
 from .pareto import Objective
 from .result import Result, result_key
-from .space import Config, RankSpace
+from .space import RankSpace
 
 log = logging.getLogger(__name__)
 

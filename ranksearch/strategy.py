@@ -22,13 +22,14 @@ from typing import Any, ClassVar
 import numpy as np
 
 from .cache import FactorCache
+from .config import Choice, Config
 from .constraints import Constraint
 from .cost import METRICS as PRICED
 from .cost import CostModel
 from .errors import RankSearchError, UnknownStrategyError
 from .pareto import Objective
 from .result import Result
-from .space import Choice, Config, RankSpace
+from .space import RankSpace
 
 GROUP = "ranksearch.strategies"
 log = logging.getLogger(__name__)

@@ -12,8 +12,9 @@ from torch import nn
 from . import factorize
 from .cache import FactorCache
 from .clone import clone_module
+from .config import Config
 from .errors import ConfigError, RankSearchError, UnknownLayerError
-from .space import Config, Site
+from .site import Site
 
 FORMAT = "ranksearch.compressed"
 VERSION = 1

@@ -28,7 +28,8 @@ from scipy.optimize import brentq, minimize_scalar
 from . import factorize
 from .errors import NotAdmittedError, RankSearchError
 from .factorize.base import GROUPED_METHODS
-from .space import Rank, RankSpace, Site, method_for
+from .site import Rank, Site
+from .space import RankSpace, method_for
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from ranksearch import factorize
+from ranksearch.config import Choice, Config
 from ranksearch.options import boolean, method_name, positive_int, values_in
-from ranksearch.space import Choice, Config, RankSpace, method_for, nearest_rank
+from ranksearch.space import RankSpace, method_for, nearest_rank
 from ranksearch.strategy import Strategy, SweepStrategy
 
 

@@ -25,8 +25,10 @@ import torch
 from torch import Tensor, nn
 
 from ranksearch import factorize, options
+from ranksearch.config import Choice, Config
 from ranksearch.errors import RankSearchError
-from ranksearch.space import Choice, Config, RankSpace, Site
+from ranksearch.site import Site
+from ranksearch.space import RankSpace
 from ranksearch.strategy import SearchContext, StopSearch, Strategy, Training
 
 PRIORS = ("half_cauchy", "log_uniform")

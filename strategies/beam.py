@@ -11,9 +11,10 @@ from typing import NamedTuple
 import numpy as np
 
 from ranksearch import options
+from ranksearch.config import Choice, Config
 from ranksearch.errors import RankSearchError
 from ranksearch.result import Result
-from ranksearch.space import Choice, Config, method_for
+from ranksearch.space import method_for
 from ranksearch.strategy import Proposal, SearchContext, StopSearch, Strategy
 
 log = logging.getLogger(__name__)

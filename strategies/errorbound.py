@@ -11,8 +11,9 @@ from collections.abc import Sequence
 import numpy as np
 
 from ranksearch import options
+from ranksearch.config import Choice, Config
 from ranksearch.cost import METRICS as PRICED
-from ranksearch.space import Choice, Config, Rank
+from ranksearch.site import Rank
 from ranksearch.strategy import SearchContext, StopSearch, Strategy
 from ranksearch.vbmf import per_matrix, site_spectra, spectral_sites
 

@@ -25,11 +25,11 @@ from pymoo.operators.repair.rounding import RoundingRepair
 from pymoo.problems.static import StaticProblem
 
 from ranksearch import options
+from ranksearch.config import Choice, Config
 from ranksearch.errors import OptionError, UnknownStrategyError
 from ranksearch.pareto import best, front, knee
 from ranksearch.population import MissingValues, objective_costs, site_choices
 from ranksearch.result import Result
-from ranksearch.space import Choice, Config
 from ranksearch.strategy import (
     SearchContext,
     StopSearch,

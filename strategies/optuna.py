@@ -20,11 +20,11 @@ import numpy as np
 import optuna
 from optuna.trial import Trial, TrialState
 
+from ranksearch.config import Config
 from ranksearch.errors import OptionError
 from ranksearch.options import boolean, choice, mapping, positive_int
 from ranksearch.population import MissingValues, objective_costs, site_choices
 from ranksearch.result import Result
-from ranksearch.space import Config
 from ranksearch.store import quiet_optuna
 from ranksearch.strategy import SearchContext, Strategy
 

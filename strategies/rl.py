@@ -28,9 +28,10 @@ import torch
 from torch import Tensor, nn
 
 from ranksearch import options
+from ranksearch.config import Choice, Config
 from ranksearch.errors import RankSearchError
 from ranksearch.result import Result
-from ranksearch.space import Choice, Config, method_for, nearest_rank
+from ranksearch.space import method_for, nearest_rank
 from ranksearch.strategy import SearchContext, Strategy
 
 FEATURES = 10

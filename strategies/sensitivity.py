@@ -14,9 +14,11 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 
 from ranksearch import factorize, options
+from ranksearch.config import Choice, Config
 from ranksearch.errors import RankSearchError
 from ranksearch.result import Result
-from ranksearch.space import Choice, Config, Rank, method_for, nearest_rank
+from ranksearch.site import Rank
+from ranksearch.space import method_for, nearest_rank
 from ranksearch.strategy import Proposal, SearchContext, Strategy, SweepStrategy
 
 

@@ -6,7 +6,8 @@ import logging
 from collections.abc import Sequence
 
 from ranksearch import options
-from ranksearch.space import Choice, Config, Rank
+from ranksearch.config import Choice, Config
+from ranksearch.site import Rank
 from ranksearch.strategy import SearchContext, SweepStrategy, fit_to_budget
 from ranksearch.vbmf import site_vbmf_rank, snap, spectral_sites
 

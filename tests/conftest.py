@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from ranksearch.task import load_task, pretrained
+from ranksearch.datasets import load_task
+from ranksearch.training import pretrained
 
 
 @pytest.fixture(scope="session", autouse=True)

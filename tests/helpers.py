@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from ranksearch.factorize import get
-from ranksearch.space import Site
+from ranksearch.site import Site
 from ranksearch.strategy import StopSearch
 
 

@@ -5,10 +5,10 @@ from ranksearch_strategies.beam import Beam
 from test_sensitivity import two_path
 
 import ranksearch
+from ranksearch.config import Choice, Config
 from ranksearch.errors import RankSearchError
 from ranksearch.evaluate import ProxySettings
 from ranksearch.result import Result
-from ranksearch.space import Choice, Config
 from ranksearch.store import Store
 from ranksearch.strategy import Proposal, StopSearch
 

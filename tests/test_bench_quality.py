@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from ranksearch.space import Choice, Config, RankSpace
+from ranksearch.config import Choice, Config
+from ranksearch.space import RankSpace
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 

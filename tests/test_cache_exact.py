@@ -13,8 +13,9 @@ from torch import nn
 
 from ranksearch import factorize
 from ranksearch.cache import FactorCache
+from ranksearch.config import Choice
 from ranksearch.factorize import REGISTRY, available
-from ranksearch.space import Choice, RankSpace
+from ranksearch.space import RankSpace
 
 
 def make_model(dtype: torch.dtype) -> nn.Sequential:

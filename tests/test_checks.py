@@ -236,7 +236,7 @@ def test_a_device_this_machine_lacks_is_refused_by_the_cli(tmp_path, capsys, dev
 
 
 def test_a_ray_worker_uses_the_gpu_ray_assigned(monkeypatch):
-    ray_executor = pytest.importorskip("ranksearch.executors.ray")
+    ray_executor = pytest.importorskip("ranksearch.executors.ray.worker")
     ray = ray_executor.ray
     pinned = ProxySettings(device="cuda:1")
     monkeypatch.setattr(ray, "get_gpu_ids", lambda: [3])

@@ -7,10 +7,11 @@ import torch
 
 import ranksearch
 from ranksearch.cli import main
+from ranksearch.datasets import load_task
 from ranksearch.models import build_model
 from ranksearch.store import read_study
 from ranksearch.strategy import available_strategies
-from ranksearch.task import evaluate_accuracy, load_task
+from ranksearch.training import evaluate_accuracy
 
 PNG = b"\x89PNG\r\n\x1a\n"
 # options that a strategy needs on this small model (e.g. a space that offers TT)

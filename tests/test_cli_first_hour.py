@@ -16,9 +16,9 @@ import torch
 
 import ranksearch
 from ranksearch import cli
-from ranksearch import task as task_module
+from ranksearch import training as training_module
 from ranksearch.cli import main
-from ranksearch.task import (
+from ranksearch.training import (
     _BASELINE_DEFAULTS,
     MODEL_TRAIN_DEFAULTS,
     TRAIN_DEFAULTS,
@@ -57,7 +57,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
 
 def spy_training(monkeypatch, calls: list[bool], epochs: int | None = None) -> None:
     """Record the ``progress`` of each baseline training (shortened to ``epochs``)."""
-    real = task_module.train_baseline
+    real = training_module.train_baseline
 
     def spy(model, task, progress=False, **options):
         calls.append(progress)
@@ -65,14 +65,14 @@ def spy_training(monkeypatch, calls: list[bool], epochs: int | None = None) -> N
             options["epochs"] = epochs
         return real(model, task, progress=progress, **options)
 
-    monkeypatch.setattr(task_module, "train_baseline", spy)
+    monkeypatch.setattr(training_module, "train_baseline", spy)
 
 
 def no_training(monkeypatch) -> None:
     def refuse(*args, **kwargs):
         raise AssertionError("trained although the weights are cached")
 
-    monkeypatch.setattr(task_module, "train_baseline", refuse)
+    monkeypatch.setattr(training_module, "train_baseline", refuse)
 
 
 # -- 1. -v after the subcommand, --version, python -m ranksearch ---------------------------
@@ -92,7 +92,7 @@ def test_python_dash_m_with_verbose_after_the_subcommand(searched):
     # python -m ranksearch, -v after the subcommand: INFO logs appear (the cached digits CNN)
     done = run_cli("inspect", "-v", "--no-progress")
     assert done.returncode == 0, done.stderr
-    assert "INFO ranksearch.task: loading cached" in done.stderr
+    assert "INFO ranksearch.training: loading cached" in done.stderr
     assert "trained on digits" in done.stdout
 
 

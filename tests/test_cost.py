@@ -12,9 +12,11 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ranksearch import factorize
+from ranksearch.config import Choice, Config
 from ranksearch.cost import CostModel, EnergyTable, measure_latency
 from ranksearch.errors import InvalidRankError, NotAdmittedError, RankSearchError
-from ranksearch.space import Choice, Config, RankSpace, Site
+from ranksearch.site import Site
+from ranksearch.space import RankSpace
 
 META = torch.device("meta")
 

@@ -12,12 +12,13 @@ from torch import nn
 
 import ranksearch
 from ranksearch.cache import FactorCache
+from ranksearch.config import Choice, Config
 from ranksearch.constraints import parse_constraints
 from ranksearch.cost import CostModel
 from ranksearch.errors import RankSearchError
 from ranksearch.evaluate import ProxySettings
 from ranksearch.pareto import parse_objectives
-from ranksearch.space import Choice, Config, RankSpace
+from ranksearch.space import RankSpace
 from ranksearch.strategy import SearchContext, fit_to_budget, load_strategy
 
 BUDGETS = ["flops<=0.3", "flops<=0.5", "params<=0.4"]

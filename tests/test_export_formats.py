@@ -16,7 +16,7 @@ from torch import nn
 from ranksearch.factorize import get
 from ranksearch.factorize.tr import TR
 from ranksearch.factorize.tt import TT
-from ranksearch.space import Site
+from ranksearch.site import Site
 
 BATCHES = (1, 3, 7)
 

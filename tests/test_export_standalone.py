@@ -29,7 +29,7 @@ from ranksearch.factorize import get
 from ranksearch.factorize.tr import TRLinear
 from ranksearch.factorize.tt import TTLinear
 from ranksearch.models import build_model
-from ranksearch.space import Site
+from ranksearch.site import Site
 
 FORMATS = ("torchscript", "torch.export", "onnx")
 BATCHES = (1, 5)

@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ranksearch.errors import DecompositionError, InvalidRankError, NotAdmittedError
 from ranksearch.factorize import REGISTRY, cp, get
-from ranksearch.space import Site
+from ranksearch.site import Site
 
 METHODS = ["cp3", "cp4", "cp3_tpm", "cp4_tpm"]
 ALS = ["cp3", "cp4"]

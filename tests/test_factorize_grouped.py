@@ -16,10 +16,12 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ranksearch.cache import FactorCache
+from ranksearch.config import Choice, Config
 from ranksearch.cost import CostModel
 from ranksearch.errors import DecompositionError, InvalidRankError, NotAdmittedError
 from ranksearch.factorize import dense_stage, get
-from ranksearch.space import Choice, Config, RankSpace, Site
+from ranksearch.site import Site
+from ranksearch.space import RankSpace
 from ranksearch.surgery import compress
 
 

@@ -14,7 +14,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from ranksearch.errors import InvalidRankError, NotAdmittedError
 from ranksearch.factorize import dense_stage, get
 from ranksearch.factorize.svd import truncated_svd
-from ranksearch.space import Site
+from ranksearch.site import Site
 
 # name -> (layer factory, input shape without batch)
 LAYERS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...]]] = {

@@ -16,7 +16,7 @@ from ranksearch.errors import InvalidRankError, NotAdmittedError
 from ranksearch.factorize import available, get
 from ranksearch.factorize.tr import TR, TRLinear
 from ranksearch.factorize.tt import TT, TTLinear, factor_dims, matrix_tensor
-from ranksearch.space import Site
+from ranksearch.site import Site
 
 BATCH = 2
 

@@ -14,12 +14,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import ranksearch
 from ranksearch.cli import main
+from ranksearch.config import Choice, Config
 from ranksearch.cost import CostModel
 from ranksearch.evaluate import Evaluator, ProxySettings
 from ranksearch.export import scored_model
 from ranksearch.fingerprint import fingerprint
 from ranksearch.search import ConstraintUnreachableError
-from ranksearch.space import Choice, Config, RankSpace, SpaceSpec
+from ranksearch.space import RankSpace, SpaceSpec
 from ranksearch.store import StoreError, read_study
 from ranksearch.surgery import compress
 

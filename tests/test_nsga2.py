@@ -7,13 +7,14 @@ from torch import nn
 
 import ranksearch
 from ranksearch.cache import FactorCache
+from ranksearch.config import Choice, Config
 from ranksearch.constraints import parse_constraints
 from ranksearch.cost import CostModel
 from ranksearch.errors import RankSearchError
 from ranksearch.evaluate import ProxySettings
 from ranksearch.pareto import Objective, front, hypervolume, parse_objectives
 from ranksearch.result import Result
-from ranksearch.space import Choice, Config, RankSpace
+from ranksearch.space import RankSpace
 from ranksearch.strategy import SearchContext, StopSearch, Strategy
 
 OBJECTIVES = ("accuracy", "flops")

@@ -4,6 +4,7 @@ import math
 import numpy as np
 import pytest
 
+from ranksearch.config import Config
 from ranksearch.constraints import Constraint
 from ranksearch.errors import ConstraintError
 from ranksearch.pareto import (
@@ -18,7 +19,6 @@ from ranksearch.pareto import (
     reference_point,
 )
 from ranksearch.result import Result
-from ranksearch.space import Config
 
 
 def res(tag, status="ok", **metrics):

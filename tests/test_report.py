@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from ranksearch import pareto, report
+from ranksearch.config import Choice, Config
 from ranksearch.errors import ConstraintError
 from ranksearch.result import Result
-from ranksearch.space import Choice, Config
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 OBJECTIVES = ("accuracy", "flops")

@@ -8,8 +8,8 @@ import pytest
 from test_report import DENSE, all_rows, cfg, metrics, other_run, read_png, results, table_rows
 
 from ranksearch import pareto, report
+from ranksearch.config import Choice, Config
 from ranksearch.result import Result
-from ranksearch.space import Choice, Config
 
 OBJECTIVES = ("accuracy", "flops")
 NAN_STEP = "loss became nan at fine-tuning step 3"

@@ -10,13 +10,14 @@ from torch import nn
 
 import ranksearch
 from ranksearch.cache import FactorCache
+from ranksearch.config import Config
 from ranksearch.constraints import parse_constraints
 from ranksearch.cost import CostModel
 from ranksearch.errors import RankSearchError
 from ranksearch.evaluate import ProxySettings
 from ranksearch.pareto import parse_objectives
 from ranksearch.result import Result
-from ranksearch.space import Config, RankSpace
+from ranksearch.space import RankSpace
 from ranksearch.strategy import SearchContext
 
 # the kept fractions (of the top of each grid) the synthetic accuracy rewards

@@ -6,11 +6,12 @@ from torch import nn
 
 import ranksearch
 from ranksearch import schedules
+from ranksearch.config import Choice, Config
 from ranksearch.errors import RankSearchError
 from ranksearch.schedules import finetune
-from ranksearch.space import Choice, Config, RankSpace
+from ranksearch.space import RankSpace
 from ranksearch.surgery import compress
-from ranksearch.task import evaluate_accuracy
+from ranksearch.training import evaluate_accuracy
 
 CONVS = ("features.0", "features.3", "features.7")
 LINEARS = ("classifier.1", "classifier.3")

@@ -10,13 +10,14 @@ import optuna
 import pytest
 
 import ranksearch
+from ranksearch.config import Config
 from ranksearch.constraints import Constraint
 from ranksearch.errors import RankSearchError
 from ranksearch.evaluate import Evaluator, ProxySettings
 from ranksearch.search import ConstraintUnreachableError
-from ranksearch.space import Config
 from ranksearch.store import StoreError, read_study
 from ranksearch.strategy import UnknownStrategyError, available_strategies
+from ranksearch.training import evaluate_accuracy
 
 PROXY = ProxySettings(steps=5, batch_size=32, lr=1e-3, report_every=5)
 
@@ -68,8 +69,9 @@ def test_store_is_an_optuna_study(digits_model, digits, tmp_path):
 KILL_SCRIPT = textwrap.dedent("""
     import sys, time, torch
     import ranksearch
+    from ranksearch.datasets import load_task
     from ranksearch.evaluate import ProxySettings
-    from ranksearch.task import load_task, pretrained
+    from ranksearch.training import pretrained
 
     torch.set_num_threads(1)
     out, ckpt = sys.argv[1], sys.argv[2]
@@ -176,7 +178,7 @@ def test_evaluator_reports_and_prunes(digits_model, digits):
     full = evaluator(config)
     assert full.ok and full.metrics["params"] < evaluator.costs.metrics(Config())["params"]
     zero = Evaluator(digits_model, digits)(evaluator.space.full())
-    dense_acc = ranksearch.task.evaluate_accuracy(digits_model, digits.val)
+    dense_acc = evaluate_accuracy(digits_model, digits.val)
     assert zero.metrics["accuracy"] == pytest.approx(dense_acc, abs=1e-9)
 
 

@@ -6,9 +6,9 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import ranksearch
+from ranksearch.config import Choice, Config
 from ranksearch.errors import RankSearchError
 from ranksearch.evaluate import ProxySettings
-from ranksearch.space import Choice, Config
 from ranksearch.task import Task
 
 ZERO_SHOT = ProxySettings(steps=0)

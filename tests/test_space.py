@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from ranksearch import factorize
+from ranksearch.config import DENSE, Choice, Config
 from ranksearch.errors import (
     ConfigError,
     InputShapeError,
@@ -15,7 +16,8 @@ from ranksearch.errors import (
     UnknownLayerError,
     UnknownMethodError,
 )
-from ranksearch.space import DENSE, Choice, Config, RankSpace, Site
+from ranksearch.site import Site
+from ranksearch.space import RankSpace
 
 
 class Net(nn.Module):

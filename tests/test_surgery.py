@@ -6,8 +6,9 @@ from torch import nn
 
 import ranksearch
 from ranksearch.cache import FactorCache, effective_rank
+from ranksearch.config import Choice, Config
 from ranksearch.errors import InvalidRankError, NotAdmittedError, UnknownLayerError
-from ranksearch.space import Choice, Config, RankSpace
+from ranksearch.space import RankSpace
 
 
 def make_model() -> nn.Module:

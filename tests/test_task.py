@@ -14,24 +14,22 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from ranksearch import task as task_module
-from ranksearch.errors import DatasetNotFoundError, RankSearchError, TaskError
-from ranksearch.models import DigitsCNN
-from ranksearch.task import (
+from ranksearch import datasets as datasets_module
+from ranksearch import training as training_module
+from ranksearch.datasets import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     FASHION_MNIST_MEAN,
     FASHION_MNIST_STD,
-    Task,
-    evaluate_accuracy,
     load_cifar10,
     load_fashion_mnist,
     load_task,
-    load_user_task,
-    pretrained,
     read_idx,
-    train_baseline,
 )
+from ranksearch.errors import DatasetNotFoundError, RankSearchError, TaskError
+from ranksearch.models import DigitsCNN
+from ranksearch.task import Task, load_user_task
+from ranksearch.training import evaluate_accuracy, pretrained, train_baseline
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +203,7 @@ def test_fashion_mnist_sizes_seed_and_normalize(tmp_path: Path) -> None:
 
 
 def test_fashion_mnist_missing_folder_says_how_to_install(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(task_module, "FASHION_MNIST_DIR", tmp_path / "absent")
+    monkeypatch.setattr(datasets_module, "FASHION_MNIST_DIR", tmp_path / "absent")
     with pytest.raises(DatasetNotFoundError) as info:
         load_task("fashion-mnist")
     message = str(info.value)
@@ -480,7 +478,7 @@ def test_pretrained_trains_once_then_loads(tmp_path: Path, digits: Task, monkeyp
     def no_training(*args: object, **kwargs: object) -> dict:
         raise AssertionError("trained although the weights are cached")
 
-    monkeypatch.setattr(task_module, "train_baseline", no_training)
+    monkeypatch.setattr(training_module, "train_baseline", no_training)
     second = pretrained("digits-cnn", "digits", tmp_path, task=digits, epochs=4, seed=0)
     assert not second.training
     for name, value in first.state_dict().items():

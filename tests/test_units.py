@@ -15,6 +15,7 @@ from torch.utils.data import TensorDataset
 
 import ranksearch
 from ranksearch.cache import FactorCache
+from ranksearch.config import Choice, Config
 from ranksearch.constraints import parse_constraints
 from ranksearch.cost import CostModel
 from ranksearch.errors import ConstraintError
@@ -22,7 +23,7 @@ from ranksearch.evaluate import Evaluator, ProxySettings
 from ranksearch.loop import MAX_IDLE_ROUNDS
 from ranksearch.pareto import knee, parse_objectives
 from ranksearch.result import Result
-from ranksearch.space import Choice, Config, RankSpace
+from ranksearch.space import RankSpace
 from ranksearch.store import MEMORY, Store, open_storage, read_study, space_signature
 from ranksearch.strategy import (
     SearchContext,

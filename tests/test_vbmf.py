@@ -10,13 +10,14 @@ from torch import nn
 
 import ranksearch
 from ranksearch.cache import FactorCache
+from ranksearch.config import Choice, Config
 from ranksearch.constraints import parse_constraints
 from ranksearch.cost import CostModel
 from ranksearch.errors import NotAdmittedError, RankSearchError
 from ranksearch.evaluate import ProxySettings
 from ranksearch.factorize import get
 from ranksearch.pareto import parse_objectives
-from ranksearch.space import Choice, Config, RankSpace
+from ranksearch.space import RankSpace
 from ranksearch.strategy import SearchContext, load_strategy
 from ranksearch.vbmf import evbmf, site_matrices, site_vbmf_rank, snap, tau_bar, unfold
 

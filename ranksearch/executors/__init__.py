@@ -12,9 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
+from ..config import Config
 from ..errors import RankSearchError
 from ..result import Result, result_key
-from ..space import Config
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from torch import nn
 from ..errors import InvalidRankError, NotAdmittedError
 
 if TYPE_CHECKING:
-    from ..space import Rank, Site
+    from ..site import Rank, Site
 
 Factors = dict[str, torch.Tensor]
 #: How matrix spectra decide a rank (see `Factorization.spectral`).

@@ -52,7 +52,7 @@ from .base import (
 )
 
 if TYPE_CHECKING:
-    from ..space import Site
+    from ..site import Site
 
 
 class _CP(Factorization):

@@ -26,7 +26,7 @@ from .base import (
 )
 
 if TYPE_CHECKING:
-    from ..space import Site
+    from ..site import Site
 
 LOWRANK_MIN_DIM = 2048  # randomized SVD when both matrix dims exceed this ...
 LOWRANK_OVERSAMPLE = 16  # ... and the rank plus this oversampling is below half the smaller

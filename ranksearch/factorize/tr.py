@@ -37,7 +37,7 @@ from .tt import (
 )
 
 if TYPE_CHECKING:
-    from ..space import Rank, Site
+    from ..site import Rank, Site
 
 
 class TRLinear(nn.Module):

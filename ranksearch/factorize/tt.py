@@ -30,7 +30,7 @@ from . import register
 from .base import Factorization, Factors, Stage, axis_kwargs, mid_size, pixels
 
 if TYPE_CHECKING:
-    from ..space import Rank, Site
+    from ..site import Rank, Site
 
 
 # -- helpers shared with tr ------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from .base import Factorization, Factors, Stage, conv_kwargs, pixels
 from .svd import assemble, check_groups, factory, group_shape, grouped_reason, take, truncated_svd
 
 if TYPE_CHECKING:
-    from ..space import Site
+    from ..site import Site
 
 
 @register
