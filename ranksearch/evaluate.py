@@ -152,14 +152,21 @@ class Evaluator:
         """The model this evaluator scores for ``config``: built from the factor cache and
         fine-tuned by the proxy (seeded, so the same every time on the same device), and
         whether ``report`` stopped the fine-tuning early. Export builds through here too."""
-        candidate = compress(self.model, config, cache=self.cache)
-        candidate.to(self.settings.device)
-        stopped = False
-        if self.settings.steps:
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.settings.seed)
-                stopped = self._finetune(candidate, report)
-        return candidate, stopped
+        candidate = self.build(config)
+        return candidate, self._tune(candidate, report)
+
+    def build(self, config: Config) -> nn.Module:
+        """``config`` built from the factor cache, on the proxy's device, nothing trained."""
+        return compress(self.model, config, cache=self.cache).to(self.settings.device)
+
+    def _tune(self, candidate: nn.Module, report: Reporter | None) -> bool:
+        """The proxy's seeded fine-tuning of ``candidate`` in place; True when ``report``
+        stopped it early."""
+        if not self.settings.steps:
+            return False
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.settings.seed)
+            return self._finetune(candidate, report)
 
     def __call__(self, config: Config, report: Reporter | None = None,
                  partial: int | None = None) -> Result:
@@ -169,15 +176,14 @@ class Evaluator:
         metrics: dict[str, float] = dict(self.costs.metrics(config))
         status, reason = "ok", None
         try:
+            candidate = self.build(config)  # built once: timed, then fine-tuned in place
             if partial is not None:
-                built = compress(self.model, config, cache=self.cache).to(self.settings.device)
-                metrics.update(self.validate(built, self._val[:partial]))
+                metrics.update(self.validate(candidate, self._val[:partial]))
                 return self.result(config, metrics, wall_time=time.perf_counter() - start,
                                    partial=partial)
             if self.settings.latency:
-                built = compress(self.model, config, cache=self.cache).to(self.settings.device)
-                metrics.update(self.latency(built))
-            candidate, stopped = self.candidate(config, report)
+                metrics.update(self.latency(candidate))
+            stopped = self._tune(candidate, report)
             metrics.update(self.validate(candidate))
             if stopped:
                 status = "pruned"

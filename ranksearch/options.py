@@ -16,6 +16,7 @@ from typing import Any
 
 from . import factorize
 from .errors import OptionError
+from .factorize.base import is_int
 
 
 def integer(value: Any, name: str, who: str, low: int = 1, *,
@@ -23,7 +24,7 @@ def integer(value: Any, name: str, who: str, low: int = 1, *,
     """``value`` as an int if it is an integer (not a bool) of at least ``low``."""
     if value is None and optional:
         return None
-    if not _is_int(value) or value < low:
+    if not is_int(value) or value < low:
         raise OptionError(f"{who}: {name} must be an integer ≥ {low}{_or_none(optional)}, "
                           f"got {value!r}")
     return int(value)
@@ -110,8 +111,8 @@ def values_in(values: Any, name: str, who: str, low: float = -math.inf,
 def integers(values: Any, name: str, who: str, low: int = 1) -> list[int]:
     """``values`` as a list of ints if it is an integer ≥ ``low`` or a non-empty list of
     them."""
-    out = [values] if _is_int(values) else list(values) if _is_list(values) else []
-    if not out or not all(_is_int(v) and v >= low for v in out):
+    out = [values] if is_int(values) else list(values) if _is_list(values) else []
+    if not out or not all(is_int(v) and v >= low for v in out):
         raise OptionError(f"{who}: {name} must be an integer ≥ {low} or a non-empty list of "
                           f"them, got {values!r}")
     return [int(v) for v in out]
@@ -152,10 +153,6 @@ def _within(x: float, low: float, high: float, open_low: bool, open_high: bool) 
     above = x > low if open_low else x >= low
     below = x < high if open_high else x <= high
     return above and below
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _is_number(x: object) -> bool:

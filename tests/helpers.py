@@ -37,3 +37,13 @@ def built(method: str, site: Site, layer: nn.Module, rank, factor_rank=None) -> 
 
 def rel_error(y: torch.Tensor, ref: torch.Tensor) -> float:
     return ((y - ref).norm() / ref.norm()).item()
+
+
+def assert_reloads(method: str, site: Site, layer: nn.Module, x: torch.Tensor, rank) -> None:
+    """A bare build of ``method`` at ``rank`` loads the state dict of a decomposed one and then
+    computes exactly what it does."""
+    source = built(method, site, layer, rank)
+    target = get(method).build(site, rank)
+    target.load_state_dict(source.state_dict())
+    with torch.no_grad():
+        assert torch.equal(target(x), source(x))

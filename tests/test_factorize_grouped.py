@@ -11,7 +11,7 @@ import copy
 
 import pytest
 import torch
-from helpers import built, rank_sweep, rel_error
+from helpers import assert_reloads, built, rank_sweep, rel_error
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -159,13 +159,7 @@ def test_factors_have_a_leading_group_dimension(method, case):
 @pytest.mark.parametrize(("method", "case"), CASES)
 def test_state_dict_reloads_into_bare_build(method, case):
     layer, x, site = setup(case)
-    fac = get(method)
-    rank = ranks3(fac.max_rank(site))[0]
-    source = built(method, site, layer, rank)
-    target = fac.build(site, rank)
-    target.load_state_dict(source.state_dict())
-    with torch.no_grad():
-        assert torch.equal(target(x), source(x))
+    assert_reloads(method, site, layer, x, ranks3(get(method).max_rank(site))[0])
 
 
 def test_factors_of_another_grouping_are_refused():

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from helpers import built, rank_sweep, rel_error
+from helpers import assert_reloads, built, rank_sweep, rel_error
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -143,13 +143,7 @@ def test_sliced_factors_equal_direct_decomposition(method, case):
 @pytest.mark.parametrize(("method", "case"), CASES)
 def test_state_dict_reloads_into_bare_build(method, case):
     layer, x, site = setup(case)
-    fac = get(method)
-    rank = rank_sweep(fac.max_rank(site))[1]
-    source = built(method, site, layer, rank)
-    target = fac.build(site, rank)
-    target.load_state_dict(source.state_dict())
-    with torch.no_grad():
-        assert torch.equal(target(x), source(x))
+    assert_reloads(method, site, layer, x, rank_sweep(get(method).max_rank(site))[1])
 
 
 @pytest.mark.parametrize("method", ["svd", "svd_spatial", "tucker2"])
