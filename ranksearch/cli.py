@@ -28,6 +28,7 @@ from .datasets import REFERENCE_MODELS, load_task
 from .errors import RankSearchError
 from .evaluate import ProxySettings
 from .export import scored_model, study_of
+from .formats import FORMATS, load_hint
 from .models import build_model
 from .pareto import describe_hypervolume, parse_objectives
 from .report import front_table, plot_fronts, write_csv, write_json, written_line
@@ -45,13 +46,9 @@ DEFAULT_SHAPES = {"digits-cnn": (1, 8, 8), "resnet20": (3, 32, 32), "vgg-small":
 # built-in tasks whose data ships with the package's dependencies (no --data needed)
 SHIPPED_TASKS = ("digits",)
 DB_NAME = "ranksearch.db"
-# export formats: default file name in --out, and how the file is loaded
-FORMATS = {
-    "ranksearch": ("model.pt", "ranksearch.load(path, dense_model)"),
-    "torchscript": ("model.torchscript.pt", "torch.jit.load(path)"),
-    "torch.export": ("model.pt2", "torch.export.load(path).module()"),
-    "onnx": ("model.onnx", "onnxruntime.InferenceSession(path)"),
-}
+# the default file in --out of each export format
+EXPORT_FILES = {"ranksearch": "model.pt", "torchscript": "model.torchscript.pt",
+                "torch.export": "model.pt2", "onnx": "model.onnx"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -512,8 +509,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         compressed = finetune(model, picked.config, task, schedule=args.schedule,
                               epochs=args.finetune_epochs, lr=args.lr, progress=progress)
         further = evaluate_accuracy(compressed, task.val)
-    name, loader = FORMATS[args.format]
-    output = Path(args.output) if args.output else Path(args.out) / name
+    output = Path(args.output) if args.output else Path(args.out) / EXPORT_FILES[args.format]
     written = replace(exported, model=compressed).write(
         output, fmt=args.format, example_input=task.example_input(), study=study,
         finetune_epochs=args.finetune_epochs,
@@ -525,7 +521,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if further is not None:
         print(f"  val accuracy after {args.finetune_epochs} more epoch(s) ({args.schedule}) "
               f"{further:.4f}")
-    print(f"  wrote {written} ({args.format}; load it with {loader})")
+    print(f"  wrote {written} ({args.format}; load it with "
+          f"{load_hint(args.format, written.name)['code']})")
     return 0
 
 

@@ -288,7 +288,8 @@ def test_export_writes_a_torchscript_file_that_runs_with_plain_torch(searched, c
                  "--no-progress"]) == 0
     captured = capsys.readouterr()
     path = searched / "model.torchscript.pt"
-    assert f"wrote {path} (torchscript; load it with torch.jit.load(path))" in captured.out
+    assert (f"wrote {path} (torchscript; load it with torch.jit.load('model.torchscript.pt'))"
+            in captured.out)
     assert "fine-tune" not in captured.err
     scripted = torch.jit.load(str(path))
     assert scripted(torch.zeros(3, 1, 8, 8)).shape == (3, 10)

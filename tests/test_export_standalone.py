@@ -24,10 +24,12 @@ from torch import nn
 
 import ranksearch
 from ranksearch import Choice, Config, RankSearchError, Result
-from ranksearch.export import Exported, ExportError, target_path
+from ranksearch.errors import ExportError
+from ranksearch.export import Exported
 from ranksearch.factorize import get
 from ranksearch.factorize.tr import TRLinear
 from ranksearch.factorize.tt import TTLinear
+from ranksearch.formats import target_path
 from ranksearch.models import build_model
 from ranksearch.site import Site
 
