@@ -96,7 +96,7 @@ class SearchLoop:
         self.evaluated = 0
         self.best: Result | None = None
         self._queue: deque[Work] = deque()
-        self._in_flight: set[str] = set()
+        self._pending: set[str] = set()  # keys queued or running
         self._asks: deque[_Ask] = deque()
         self._waiting = False
         #: stored failures a retry may evaluate again; they do not count against the budget
@@ -124,10 +124,8 @@ class SearchLoop:
         `DONE` (see `stopped`)."""
         while True:
             if self._queue:
-                work = self._queue.popleft()
-                self._in_flight.add(work.key)
-                return work
-            if self.termination.check(self.stored + len(self._in_flight)) is not None:
+                return self._queue.popleft()
+            if self.termination.check(self.stored + len(self._pending)) is not None:
                 return DONE
             if self._waiting:
                 return WAIT
@@ -140,7 +138,7 @@ class SearchLoop:
             if queued:
                 self.termination.idle(True)
                 continue
-            if self._in_flight:
+            if self._pending:
                 self._waiting = True
                 return WAIT
             self.termination.idle(False)
@@ -149,7 +147,7 @@ class SearchLoop:
         """Commit a finished evaluation, then tell the strategy every ask now complete."""
         self.store.save(result)
         self._failures.discard(result.key)
-        self._in_flight.discard(result.key)
+        self._pending.discard(result.key)
         self._waiting = False
         self.evaluated += 1
         self.bar.update(1)
@@ -186,11 +184,11 @@ class SearchLoop:
                 ask.results[key] = stored
             elif not proposal.probe and not self.ctx.feasible(config):
                 ask.results[key] = self._infeasible(config, proposal.partial)
-            elif key in self._in_flight or any(w.key == key for w in self._queue):
+            elif key in self._pending:
                 ask.waiting.add(key)
-            elif self.stored + len(self._in_flight) + len(self._queue) < \
-                    self.termination.evaluations:
+            elif self.stored + len(self._pending) < self.termination.evaluations:
                 self._queue.append(Work(config, proposal.partial))
+                self._pending.add(key)
                 ask.waiting.add(key)
                 queued += 1
         self._asks.append(ask)

@@ -119,25 +119,22 @@ class RankSpace:
 
     sites: tuple[Site, ...]
     model_params: int
-    multiple_of: int = 1
-    min_rank: int = 1
-    max_choices: int = 64
     spec: SpaceSpec = field(default_factory=lambda: SpaceSpec())
     _grids: dict[tuple[str, str], tuple[Rank, ...]] = field(
         default_factory=dict, repr=False, compare=False, hash=False
     )
 
-    def __post_init__(self) -> None:
-        grid = (self.spec.multiple_of, self.spec.min_rank, self.spec.max_choices)
-        if (self.multiple_of, self.min_rank, self.max_choices) != grid:
-            object.__setattr__(self, "spec", replace(
-                self.spec, multiple_of=self.multiple_of, min_rank=self.min_rank,
-                max_choices=self.max_choices))
-        if self.multiple_of < 1 or self.min_rank < 1 or self.max_choices < 2:
-            raise RankSearchError(
-                "multiple_of and min_rank must be at least 1 and max_choices at least 2, got "
-                f"{self.multiple_of}, {self.min_rank}, {self.max_choices}"
-            )
+    @property
+    def multiple_of(self) -> int:
+        return self.spec.multiple_of
+
+    @property
+    def min_rank(self) -> int:
+        return self.spec.min_rank
+
+    @property
+    def max_choices(self) -> int:
+        return self.spec.max_choices
 
     # -- discovery ------------------------------------------------------------------------------
     @classmethod
@@ -201,9 +198,6 @@ class RankSpace:
         space = cls(
             tuple(sites),
             model_params=sum(p.numel() for p in model.parameters()),
-            multiple_of=spec.multiple_of,
-            min_rank=spec.min_rank,
-            max_choices=spec.max_choices,
             spec=spec,
         )
         if not space.names:
@@ -316,9 +310,6 @@ class RankSpace:
         return {
             "sites": [s.to_dict() for s in self.sites],
             "model_params": self.model_params,
-            "multiple_of": self.multiple_of,
-            "min_rank": self.min_rank,
-            "max_choices": self.max_choices,
             "spec": self.spec.to_json(),
         }
 
@@ -327,9 +318,6 @@ class RankSpace:
         return cls(
             tuple(Site.from_dict(s) for s in data["sites"]),
             model_params=data["model_params"],
-            multiple_of=data["multiple_of"],
-            min_rank=data["min_rank"],
-            max_choices=data["max_choices"],
             spec=SpaceSpec.from_json(data.get("spec", {})),
         )
 

@@ -165,7 +165,7 @@ class Store:
         self._params = {
             name: tuple(str(c) for c in space.choices(name)) for name in space.names
         }
-        self._results = {r.key: r for r in _trial_results(self.study)}
+        self._results = _trial_results(self.study)
         self._shared: dict[str, Result] | None = None
         self._storage = storage
 
@@ -228,7 +228,7 @@ class Store:
                 theirs = other.user_attrs.get("fingerprint")
                 if theirs is None or Fingerprint.from_json(theirs).digest != digest:
                     continue
-                for r in _trial_results(other):
+                for r in _trial_results(other).values():
                     if r.fingerprint == digest and r.status != "failed":
                         self._shared.setdefault(r.key, r)
         found = self._shared.get(key)
@@ -276,12 +276,15 @@ class Store:
         self._results[key] = result
 
 
-def _trial_results(study: optuna.Study) -> list[Result]:
-    return [
-        Result.from_json(json.loads(t.user_attrs["result"]))
-        for t in study.get_trials(deepcopy=False)
-        if "result" in t.user_attrs
-    ]
+def _trial_results(study: optuna.Study) -> dict[str, Result]:
+    """The study's results by key, in the order first stored; a later trial of the same key
+    (a retry of a failure) replaces the earlier one."""
+    results: dict[str, Result] = {}
+    for t in study.get_trials(deepcopy=False):
+        if "result" in t.user_attrs:
+            r = Result.from_json(json.loads(t.user_attrs["result"]))
+            results[r.key] = r
+    return results
 
 
 def space_signature(space: RankSpace) -> str:
@@ -304,8 +307,7 @@ def read_study(url: str, study: str) -> tuple[list[Result], dict[str, Any]]:
         raise StoreError(
             f"no study {study!r} in {url}; it holds {list_studies(url) or 'no studies'}"
         ) from None
-    latest = {r.key: r for r in _trial_results(loaded)}  # a retry replaces a failure
-    candidates = [r for r in latest.values() if r.partial is None]
+    candidates = [r for r in _trial_results(loaded).values() if r.partial is None]
     return candidates, dict(loaded.user_attrs.get("meta", {}))
 
 
