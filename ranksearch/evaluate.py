@@ -179,6 +179,7 @@ class Evaluator:
             candidate = self.build(config)  # built once: timed, then fine-tuned in place
             if partial is not None:
                 metrics.update(self.validate(candidate, self._val[:partial]))
+                _check_finite(metrics)
                 return self.result(config, metrics, wall_time=time.perf_counter() - start,
                                    partial=partial)
             if self.settings.latency:
@@ -187,12 +188,11 @@ class Evaluator:
             metrics.update(self.validate(candidate))
             if stopped:
                 status = "pruned"
+            _check_finite(metrics)
         except CandidateFailed as e:
             status, reason = "failed", str(e)
-        except RankSearchError as e:
-            status, reason = "failed", f"{type(e).__name__}: {e}"
-        except (RuntimeError, ValueError) as e:  # numerical trouble inside torch
-            log.warning("candidate %s failed: %s", config, e)
+        except Exception as e:  # any fault inside one candidate fails that candidate only
+            log.warning("candidate %s failed: %s: %s", config, type(e).__name__, e)
             status, reason = "failed", f"{type(e).__name__}: {e}"
         return self.result(config, metrics, status, reason, time.perf_counter() - start,
                            partial=partial)
@@ -263,6 +263,14 @@ class Evaluator:
                 if not report(step, accuracy) and step < s.steps:
                     return True
         return False
+
+
+def _check_finite(metrics: dict[str, float]) -> None:
+    """Fail a candidate whose validation gave a metric or loss that is not a finite number."""
+    bad = {k: v for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)}
+    if bad:
+        raise CandidateFailed("validation gave non-finite " + ", ".join(
+            f"{k} {v}" for k, v in sorted(bad.items())))
 
 
 def _batches(task: Task, split: str, batch_size: int, limit: int | None) -> list[tuple]:
