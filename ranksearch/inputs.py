@@ -8,13 +8,13 @@ take ``{"input_ids": ..., "attention_mask": ...}``). Token ids stay integer tens
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 #: What a model is called with: a tensor, positional arguments or keyword arguments.
-Inputs = Union[Tensor, Sequence[Any], Mapping[str, Any]]
+Inputs = Tensor | Sequence[Any] | Mapping[str, Any]
 
 
 def call(model: nn.Module, inputs: Inputs) -> Any:
