@@ -1,6 +1,5 @@
-"""Write a small folder in CIFAR-10's python-batch format (random images) to the given path."""
+"""Write a small folder in CIFAR-10's binary format (random images) to the given path."""
 
-import pickle
 import sys
 from pathlib import Path
 
@@ -9,7 +8,8 @@ import numpy as np
 root = Path(sys.argv[1])
 root.mkdir(parents=True, exist_ok=True)
 rng = np.random.default_rng(0)
-for name, count in [*((f"data_batch_{i}", 100) for i in range(1, 6)), ("test_batch", 100)]:
-    batch = {b"data": rng.integers(0, 256, (count, 3072), dtype=np.uint8),
-             b"labels": [int(v) for v in rng.integers(0, 10, count)]}
-    (root / name).write_bytes(pickle.dumps(batch))
+names = [*(f"data_batch_{i}.bin" for i in range(1, 6)), "test_batch.bin"]
+for name in names:
+    records = rng.integers(0, 256, (100, 1 + 3072), dtype=np.uint8)
+    records[:, 0] = rng.integers(0, 10, 100)  # each record: a label byte, then 3072 pixels
+    (root / name).write_bytes(records.tobytes())

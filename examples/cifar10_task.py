@@ -1,16 +1,17 @@
 """Searching ranks of ResNet-20 on CIFAR-10 from a folder you bring.
 
-CIFAR-10's "python version" (cifar-10-python.tar.gz, unpacked: data_batch_1..5, test_batch)
-is read from the folder given as the first argument; nothing is downloaded.
+CIFAR-10's "binary version" (cifar-10-binary.tar.gz, unpacked: data_batch_1.bin..5.bin,
+test_batch.bin) is read from the folder given as the first argument; nothing is downloaded.
+(The "python version" is refused: its batches are pickles, which can run code when read.)
 
-    python examples/cifar10_task.py /data/cifar-10-batches-py
+    python examples/cifar10_task.py /data/cifar-10-batches-bin
 
 (``--train-size``, ``--val-size``, ``--epochs``, ``--evaluations`` and ``--steps`` scale it
 down, e.g. for a first try.)
 
 The CLI does the same:
 
-    ranksearch search --task cifar10 --data /data/cifar-10-batches-py --model resnet20 \\
+    ranksearch search --task cifar10 --data /data/cifar-10-batches-bin --model resnet20 \\
         --strategy uniform --constraint "flops<=0.5" --steps 200
 """
 
@@ -21,7 +22,7 @@ from ranksearch.datasets import load_task
 from ranksearch.training import pretrained
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-parser.add_argument("root", help="the folder of the CIFAR-10 python batches")
+parser.add_argument("root", help="the folder of the CIFAR-10 binary batches")
 parser.add_argument("--train-size", type=int, default=10000)
 parser.add_argument("--val-size", type=int, default=2000)
 parser.add_argument("--epochs", type=int, default=None, help="baseline epochs (task default)")

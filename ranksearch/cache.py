@@ -12,7 +12,7 @@ from . import factorize
 from .clone import clone_module
 from .config import Choice
 from .factorize import Factors
-from .site import Rank, Site
+from .site import Rank, Site, find_layers
 from .space import RankSpace
 from .vbmf import site_spectra
 
@@ -37,10 +37,11 @@ class FactorCache:
         self.space = space
         self._weights: dict[str, torch.Tensor] = {}
         self._biases: dict[str, torch.Tensor | None] = {}
+        layers = {layer.name: layer for layer in find_layers(model)}
         for name in space.names:
-            module = model.get_submodule(name)
-            self._weights[name] = module.weight.detach().clone()
-            bias = getattr(module, "bias", None)
+            layer = layers[name]
+            self._weights[name] = layer.weight.detach().clone()
+            bias = layer.bias
             self._biases[name] = None if bias is None else bias.detach().clone()
         self._top: dict[tuple[str, str], Factors] = {}  # sliceable, at max rank
         self._per_rank: dict[tuple[str, str, Rank], Factors] = {}

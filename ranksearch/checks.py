@@ -8,11 +8,16 @@ refuses a device this machine does not have.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import RankSearchError, TaskError
 from .evaluate import Evaluator, ProxySettings
+from .inputs import call, move
+from .metrics import prediction
 from .task import Task
 
 __all__ = ["check_device", "check_task"]
@@ -70,7 +75,13 @@ def check_task(model: nn.Module, task: Task, settings: ProxySettings,
     try:
         model.to(device).eval()
         for split, size in (("val", settings.eval_batch_size), ("train", settings.batch_size)):
-            _check_batch(model, task, split, _first_batch(task, split, size), device)
+            if getattr(task, split) is None:
+                continue  # a task with its own evaluate may have no val data
+            batch = _first_batch(task, split, size)
+            if _classifier(task, batch):
+                _check_batch(model, task, split, batch, device)
+            else:
+                _check_any_batch(model, task, split, batch, device)
         return _dense_metrics(model, task, evaluator or Evaluator(model, task, settings))
     finally:
         if home is not None:
@@ -88,11 +99,37 @@ def _dense_metrics(model: nn.Module, task: Task, evaluator: Evaluator) -> dict[s
                         "below the model's number of outputs") from e
 
 
+def _classifier(task: Task, batch: tuple[Any, Any]) -> bool:
+    """Whether the task is a plain classifier (accuracy or top5 on one label per sample, the
+    prediction the model's output tensor), which the detailed checks are written for."""
+    x, y = batch
+    return (task.metric in ("accuracy", "top5") and task.output is None
+            and isinstance(x, Tensor) and isinstance(y, Tensor)
+            and (y.dim() <= 1 or (x.is_floating_point() and task.loss is F.cross_entropy)))
+
+
+def _check_any_batch(model: nn.Module, task: Task, split: str, batch: tuple[Any, Any],
+                     device: torch.device) -> None:
+    """Run ``model`` on one batch of a task of any kind: the model must take the inputs and
+    the loss must be a finite scalar on its prediction."""
+    x, y = move(batch[0], device), move(batch[1], device)
+    where = f"on the first {split} batch"
+    with torch.inference_mode():
+        try:
+            out = prediction(call(model, x), task.output)
+        except TaskError:
+            raise
+        except Exception as e:
+            raise TaskError(f"the dense model fails {where}: {type(e).__name__}: {e}; check "
+                            "that the task's inputs are what the model takes") from e
+        _check_loss(task, out, y, where)
+
+
 def _tensors(model: nn.Module) -> list[Tensor]:
     return [*model.parameters(), *model.buffers()]
 
 
-def _first_batch(task: Task, split: str, size: int) -> tuple[Tensor, Tensor]:
+def _first_batch(task: Task, split: str, size: int) -> tuple[Any, Any]:
     """The first batch of ``split`` (unshuffled), as the evaluator reads it."""
     try:
         batch = next(iter(task.loader(split, size, shuffle=False)))
@@ -100,8 +137,7 @@ def _first_batch(task: Task, split: str, size: int) -> tuple[Tensor, Tensor]:
         raise TaskError(f"task {task.name!r}: cannot read a batch of the {split} split "
                         f"({type(e).__name__}: {e}); its samples must be (x, y) pairs of a "
                         "tensor and an integer label") from e
-    if not (isinstance(batch, list | tuple) and len(batch) == 2
-            and all(isinstance(t, Tensor) for t in batch)):
+    if not (isinstance(batch, list | tuple) and len(batch) == 2):
         raise TaskError(f"task {task.name!r}: a {split} batch must be (inputs, labels) tensors, "
                         f"got {type(batch).__name__}; make each sample an (x, y) pair")
     return batch[0], batch[1]

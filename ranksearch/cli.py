@@ -31,7 +31,15 @@ from .export import scored_model, study_of
 from .formats import FORMATS, load_hint
 from .models import build_model
 from .pareto import describe_hypervolume, parse_objectives
-from .report import front_table, plot_fronts, write_csv, write_json, written_line
+from .report import (
+    front_table,
+    output_file,
+    plot_fronts,
+    safe_stem,
+    write_csv,
+    write_json,
+    written_line,
+)
 from .schedules import SCHEDULES, finetune
 from .search import SearchResult, search
 from .space import SpaceSpec
@@ -43,9 +51,11 @@ from .training import evaluate_accuracy, pretrained
 DEMO_STRATEGY = "pca_energy"
 
 DEFAULT_SHAPES = {"digits-cnn": (1, 8, 8), "resnet20": (3, 32, 32), "vgg-small": (3, 32, 32)}
-# built-in tasks whose data ships with the package's dependencies (no --data needed)
-SHIPPED_TASKS = ("digits",)
+# built-in tasks whose data ships with the package's dependencies or Python (no --data needed)
+SHIPPED_TASKS = ("digits", "text")
 DB_NAME = "ranksearch.db"
+# the exit status of an interrupted search (as a shell reports SIGINT: 128 + 2)
+INTERRUPTED = 130
 # the default file in --out of each export format
 EXPORT_FILES = {"ranksearch": "model.pt", "torchscript": "model.torchscript.pt",
                 "torch.export": "model.pt2", "onnx": "model.onnx"}
@@ -63,7 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -99,15 +109,15 @@ def _parser() -> argparse.ArgumentParser:
 
     p = command("search", help="search ranks for a budget")
     _task_options(p)
-    p.add_argument("--strategy", default="uniform", help="a strategy (see `ranksearch strategies`)")
+    p.add_argument("--strategy", default="auto", help="a strategy (see `ranksearch strategies`)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="a strategy option (repeatable); values are read as JSON when they parse")
     p.add_argument("--constraint", action="append", default=[], metavar="EXPR",
                    help='a budget such as "flops<=0.5" (ratio of the dense model), '
                    '"params<=2e6" (absolute), "energy<=5mJ" or "latency<=3ms" (energy and '
                    'latency need a unit, or x for a ratio); repeatable')
-    p.add_argument("--objective", type=_names, default=["accuracy", "flops"],
-                   help="objectives, comma separated (default: accuracy,flops)")
+    p.add_argument("--objective", type=_names, default=None,
+                   help="objectives, comma separated (default: the task's metric, then flops)")
     p.add_argument("--evaluations", type=_number(int, 1), default=40,
                    help="evaluations to run in all")
     p.add_argument("--time-limit", type=_number(float, 0, strict=True), default=None,
@@ -129,7 +139,17 @@ def _parser() -> argparse.ArgumentParser:
                      help="trials at a time (default: as many as the resources allow)")
     ray.add_argument("--early-stop", default=None, choices=("asha", "none"),
                      help="stop poor candidates early with ASHA on the proxy accuracy (asha)")
-    p.add_argument("--seed", type=int, default=0)
+    ray.add_argument("--ray-host", default=None, metavar="IP",
+                     help="the address a local Ray cluster listens on (default: 127.0.0.1, "
+                     "reachable from this machine only); give this machine's network address "
+                     "to let other machines join it")
+    p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
+                   help="score each candidate in a child process, so one that crashes or hangs "
+                   "fails alone (default: the library's)")
+    p.add_argument("--trial-timeout", type=_number(float, 0, strict=True), default=None,
+                   metavar="SECONDS",
+                   help="fail a candidate whose evaluation runs longer than this")
+    p.add_argument("--seed", type=_number(int, 0), default=0, help="random seed (default: 0)")
     p.add_argument("--retry-failed", action="store_true",
                    help="evaluate stored failed candidates again")
     p.add_argument("--share-results", action="store_true",
@@ -153,6 +173,11 @@ def _parser() -> argparse.ArgumentParser:
     p = command("export", help="write the compressed model picked from a search")
     _store_options(p)
     p.add_argument("--study", default=None, help="the search (default: the only one in the store)")
+    p.add_argument("--task", default=None,
+                   help="the task file (file.py:factory) of a search made from one; export "
+                   "never runs code a store names, so a task file is run only when given here")
+    p.add_argument("--data", default=None,
+                   help="data folder of a built-in task (default: the one the search used)")
     p.add_argument("--pick", action="append", default=[], metavar="EXPR",
                    help='the budget the exported model must meet, e.g. "flops<=0.5"; the most '
                    "accurate stored result under it is exported (default: the search's budget)")
@@ -199,7 +224,7 @@ def _task_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help="reference model for a built-in task (default: the task's own)")
     _store_options(p)
-    p.add_argument("--study", default=None,
+    p.add_argument("--study", default=None, type=_study_name,
                    help="name of the search in the store (default: derived from the options, "
                    "so the same command resumes)")
 
@@ -254,8 +279,9 @@ def _names(text: str) -> list[str]:
 
 def _number(kind: type[int] | type[float], low: float, *, strict: bool = False,
             high: float | None = None) -> Callable[[str], float]:
-    """An argparse type: a ``kind`` ≥ ``low`` (> with ``strict``), and ≤ ``high`` if given."""
-    noun = "an integer" if kind is int else "a number"
+    """An argparse type: a finite ``kind`` ≥ ``low`` (> with ``strict``), and ≤ ``high`` if
+    given."""
+    noun = "an integer" if kind is int else "a finite number"
     bound = f"in [{low:g}, {high:g}]" if high is not None else f"{'>' if strict else '≥'} {low:g}"
 
     def parse(text: str) -> float:
@@ -263,12 +289,22 @@ def _number(kind: type[int] | type[float], low: float, *, strict: bool = False,
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {noun} {bound}, got {text!r}") from None
-        if math.isnan(value) or value < low or (strict and value == low) or (
+        if not math.isfinite(value) or value < low or (strict and value == low) or (
                 high is not None and value > high):
             raise argparse.ArgumentTypeError(f"must be {noun} {bound}, got {text}")
         return value
 
     return parse
+
+
+def _study_name(text: str) -> str:
+    """An argparse type: a study name that is not a path (the name also names report
+    files)."""
+    if not text or text in (".", "..") or any(c in text for c in "/\\\0"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a study name: it must not be empty, '.' or '..' or hold '/', "
+            "'\\' or NUL; the report files take its name in --out")
+    return text
 
 
 def load_model(spec: str, input_shape: tuple[int, ...] | None) -> tuple[nn.Module, torch.Tensor]:
@@ -434,31 +470,37 @@ def cmd_search(args: argparse.Namespace) -> int:
         store=args.store, study=args.study,
         out=args.out, seed=args.seed, proxy=proxy, space=space_spec(args),
         retry_failed=args.retry_failed, share_results=args.share_results,
-        progress=not args.no_progress,
+        progress=not args.no_progress, isolate=args.isolate, trial_timeout=args.trial_timeout,
         meta={"task_spec": args.task, "data": args.data, "model": args.model},
     )
     _summarize(result, Path(args.out))
-    return 0
+    return INTERRUPTED if result.stopped == "interrupted" else 0
 
 
 def _summarize(result: SearchResult, out: Path) -> None:
-    print(f"study {result.study} ({result.stopped}; {result.evaluated} evaluated now, "
+    print(f"study {_shown(result.study)} ({result.stopped}; {result.evaluated} evaluated now, "
           f"{len(result.results)} stored)")
     dense = {**result.costs.metrics(Config()), **(result.meta.get("dense") or {})}
     print(front_table(result.results, result.objectives, result.constraints, dense=dense))
     runs = {result.study: result.results}
+    stem = safe_stem(result.study)
     written = [
-        write_csv(out / f"{result.study}.csv", result.results, result.objectives,
+        write_csv(output_file(out, f"{stem}.csv"), result.results, result.objectives,
                   result.constraints),
-        write_json(out / f"{result.study}.json", result.results, result.objectives,
+        write_json(output_file(out, f"{stem}.json"), result.results, result.objectives,
                    result.constraints, result.meta),
     ]
     paths = plot_fronts(runs, out, result.objectives, result.constraints,
-                        prefix=f"{result.study}-front", dense=dense)
+                        prefix=f"{stem}-front", dense=dense)
     print(describe_hypervolume(result.hypervolume(), result.objectives, dense))
     print(written_line([*written, *paths]))
     if result.stopped == "interrupted":
         print("interrupted: run the same command again to resume", file=sys.stderr)
+
+
+def _shown(name: str) -> str:
+    """A study name as printed: quoted when it holds characters a terminal would act on."""
+    return name if name.isprintable() else repr(name)
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -475,13 +517,15 @@ def cmd_report(args: argparse.Namespace) -> int:
         constraints = parse_constraints(args.constraint or meta.get("constraints", []))
         runs[name], budgets[name] = results, constraints
         used.append(objectives)
-        print(f"\n== {name}: strategy {meta.get('strategy', '?')}, "
+        print(f"\n== {_shown(name)}: strategy {meta.get('strategy', '?')}, "
               f"objectives {', '.join(map(str, objectives))}, "
               f"constraints {[str(c) for c in constraints] or 'none'}")
         denses[name] = meta.get("dense") or {}
         print(front_table(results, objectives, constraints, dense=meta.get("dense")))
-        written += [write_csv(out / f"{name}.csv", results, objectives, constraints),
-                    write_json(out / f"{name}.json", results, objectives, constraints, meta)]
+        stem = safe_stem(name)
+        written += [write_csv(output_file(out, f"{stem}.csv"), results, objectives, constraints),
+                    write_json(output_file(out, f"{stem}.json"), results, objectives,
+                               constraints, meta)]
     paths = plot_fronts(runs, out, used[0], budgets, dense=denses)
     print("\n" + written_line([*written, *paths]))
     return 0
@@ -499,12 +543,17 @@ def cmd_export(args: argparse.Namespace) -> int:
             "result.model(result.best()) on the SearchResult"
         )
     progress = not args.no_progress
-    model, task = model_and_task(meta["task_spec"], meta.get("data"), meta.get("model"),
-                                 progress=progress)
+    model, task = model_and_task(_export_task(args, study, meta), args.data or meta.get("data"),
+                                 meta.get("model"), progress=progress)
     exported = scored_model(model, task, store=url, study=study, pick=args.pick)
     picked, compressed = exported.result, exported.model
-    accuracy = exported.metrics["accuracy"]
+    name = task.metric.name
+    score = exported.metrics[name]
     further = None
+    if args.finetune_epochs and name != "accuracy":
+        raise RankSearchError(f"--finetune-epochs trains classifiers by their accuracy; this "
+                              f"task's metric is {name}: fine-tune the exported model in "
+                              "your own training loop instead")
     if args.finetune_epochs:
         compressed = finetune(model, picked.config, task, schedule=args.schedule,
                               epochs=args.finetune_epochs, lr=args.lr, progress=progress)
@@ -515,15 +564,35 @@ def cmd_export(args: argparse.Namespace) -> int:
         finetune_epochs=args.finetune_epochs,
         schedule=args.schedule if args.finetune_epochs else None,
         finetuned_val_accuracy=further)
-    print(f"exported {picked.config}\n  search accuracy {picked.metrics['accuracy']:.4f}, "
+    print(f"exported {picked.config}\n  search {name} {picked.metrics[name]:.4f}, "
           f"flops {picked.metrics['flops_ratio']:.3f}, params {picked.metrics['params_ratio']:.3f}"
-          f"\n  accuracy of the rebuilt scored model {accuracy:.4f} (the proxy's validation)")
+          f"\n  {name} of the rebuilt scored model {score:.4f} (the proxy's validation)")
     if further is not None:
         print(f"  val accuracy after {args.finetune_epochs} more epoch(s) ({args.schedule}) "
               f"{further:.4f}")
     print(f"  wrote {written} ({args.format}; load it with "
           f"{load_hint(args.format, written.name)['code']})")
     return 0
+
+
+def _export_task(args: argparse.Namespace, study: str, meta: dict[str, object]) -> str:
+    """The task `export` rebuilds: the built-in one the store names, or the task file the
+    user names with ``--task`` (code named by a store is never run)."""
+    stored = str(meta["task_spec"])
+    if not _is_file_spec(stored):
+        if args.task is not None and args.task != stored:
+            raise RankSearchError(f"study {_shown(study)} searched the built-in task "
+                                  f"{stored!r}, not {args.task!r}; drop --task")
+        return stored
+    if args.task is None:
+        raise RankSearchError(
+            f"study {_shown(study)} was made from the task file {stored!r}; export runs no code "
+            "named by a store, so name the file yourself once you trust it: add --task "
+            f"{stored!r} (or its path here)")
+    if not _is_file_spec(args.task):
+        raise RankSearchError(f"study {_shown(study)} was made from the task file {stored!r}; "
+                              f"--task must be a task file (file.py:factory), not {args.task!r}")
+    return args.task
 
 
 def strategy_options(cls: type[Strategy]) -> str:
@@ -554,12 +623,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _ray_options(args: argparse.Namespace) -> dict[str, object]:
     """The Ray options given on the command line (an error without ``--executor ray``)."""
-    names = ("address", "cpus_per_trial", "gpus_per_trial", "max_concurrent", "early_stop")
-    given = {n: getattr(args, n) for n in names if getattr(args, n) is not None}
+    flags = {"address": "address", "cpus_per_trial": "cpus_per_trial",
+             "gpus_per_trial": "gpus_per_trial", "max_concurrent": "max_concurrent",
+             "early_stop": "early_stop", "ray_host": "host"}  # attribute: executor option
+    given = [n for n in flags if getattr(args, n) is not None]
     if given and args.executor != "ray":
-        flags = ", ".join("--" + n.replace("_", "-") for n in given)
-        raise RankSearchError(f"{flags} apply to the ray executor; add --executor ray")
-    return given
+        names = ", ".join("--" + n.replace("_", "-") for n in given)
+        raise RankSearchError(f"{names} apply to the ray executor; add --executor ray")
+    if args.address is not None and args.ray_host is not None:
+        raise RankSearchError("--ray-host sets where a local Ray cluster listens; a joined "
+                              "cluster (--address) has its own; drop one")
+    return {flags[n]: getattr(args, n) for n in given}
 
 
 def _options(items: Sequence[str]) -> dict[str, object]:

@@ -18,7 +18,8 @@ reads the ``<metric>_ratio`` entry of the metrics. How the value is read:
 ``flops_ratio<=0.5``              a ``_ratio`` name: a ratio, whatever the number
 ``accuracy>=0.9``                 accuracy is a fraction in [0, 1]; ``accuracy>=90%`` is the
                                   same
-``loss<=0.5``                     loss: absolute
+``loss<=0.5``                     loss: absolute (so are ``perplexity``, ``mse``, ``mae``)
+``top5>=0.95``                    top5 is a fraction, as accuracy is
 ================================  ============================================================
 
 ``str(c)`` writes a canonical form that parses back to an equal constraint and says which
@@ -37,10 +38,13 @@ from decimal import Decimal
 from typing import Any, Literal
 
 from .errors import ConstraintError
+from .metrics import METRICS as QUALITY
 
 COST_METRICS = ("params", "macs", "flops", "energy", "latency")
 COUNT_METRICS = ("params", "macs", "flops")
-METRICS = ("accuracy", "loss", *COST_METRICS)
+METRICS = (*QUALITY, *COST_METRICS)
+#: Metrics that are fractions in [0, 1], which a constraint may give in percent.
+FRACTIONS = tuple(m.name for m in QUALITY.values() if m.fraction)
 
 _UNITS: dict[str, dict[str, Decimal]] = {
     "params": {"k": Decimal(10**3), "K": Decimal(10**3), "M": Decimal(10**6), "G": Decimal(10**9)},
@@ -79,7 +83,7 @@ HELP = (
     "the same), and VALUE a number with an optional suffix: a %/x suffix is a ratio of the dense "
     "model; for params/macs/flops a bare number ≤ 1 is a ratio too, a bare number > 1 or k/M/G "
     "is absolute; energy and latency need a unit (J/mJ/uJ, s/ms/us) or %/x, never a bare "
-    "number; accuracy is a fraction or a percentage. Examples: 'flops<=0.5', 'flops<=50%', "
+    "number; accuracy and top5 are fractions or percentages. Examples: 'flops<=0.5', 'flops<=50%', "
     "'params<=0.3x', 'params<=2M', 'params<=2e6', 'energy<=5mJ', 'energy<=0.5x', "
     "'latency<=10ms', 'accuracy>=0.9', 'accuracy>=90%'"
 )
@@ -158,10 +162,10 @@ class Constraint:
             )
         if metric in COST_METRICS and value < 0:
             raise ConstraintError(f"a bound on {metric} cannot be negative, got {value!r}")
-        if metric == "accuracy" and not 0 <= value <= 1:
+        if metric in FRACTIONS and not 0 <= value <= 1:
             raise ConstraintError(
-                f"accuracy is a fraction in [0, 1], got {value!r}; write e.g. 'accuracy>=0.9' "
-                "or 'accuracy>=90%'"
+                f"{metric} is a fraction in [0, 1], got {value!r}; write e.g. '{metric}>=0.9' "
+                f"or '{metric}>=90%'"
             )
         if metric in COUNT_METRICS and not relative and value <= 1:
             raise ConstraintError(
@@ -210,8 +214,8 @@ class Constraint:
             else:
                 relative = False
         elif suffix == "%":
-            if metric == "loss":
-                raise ConstraintError(f"loss cannot be given in percent: {text!r}; {HELP}")
+            if metric in QUALITY and metric not in FRACTIONS:
+                raise ConstraintError(f"{metric} cannot be given in percent: {text!r}; {HELP}")
             amount /= 100
             relative = metric in COST_METRICS
         elif suffix in ("x", "X"):
@@ -227,9 +231,9 @@ class Constraint:
         else:
             units = ", ".join(dict.fromkeys(_UNITS.get(metric, {})))
             accepted = "%, x" + (f", {units}" if units and not forced_ratio else "")
-            if metric == "accuracy":
+            if metric in FRACTIONS:
                 accepted = "%"
-            elif metric == "loss":
+            elif metric in QUALITY:
                 accepted = "none"
             raise ConstraintError(
                 f"unknown suffix {suffix!r} in constraint {text!r}; {metric}"

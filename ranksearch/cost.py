@@ -24,6 +24,7 @@ from . import factorize
 from .config import DENSE, Choice, Config
 from .errors import RankSearchError
 from .factorize.base import Stage, dense_stage, is_int
+from .inputs import Inputs, call, move, tensors
 from .site import Site
 from .space import RankSpace
 
@@ -138,8 +139,10 @@ class CostModel:
 
     Every site the traced forward pass called is priced, the non-decomposable ones (depthwise
     convolutions, shared layers, …) at their dense cost. MACs and activation traffic count once
-    per call of a site; parameters once. All figures are per input sample. ``energy`` defaults
-    to `EnergyTable()`.
+    per call of a site; parameters once. MACs also hold the space's ``other_macs`` (attention
+    scores and other products outside the sites, which no choice changes), so they are those
+    `FlopCounterMode` counts for the whole forward pass. All figures are per input sample.
+    ``energy`` defaults to `EnergyTable()`.
     """
 
     def __init__(self, space: RankSpace, energy: EnergyTable | None = None) -> None:
@@ -215,8 +218,9 @@ class CostModel:
         params = self.space.model_params + sum(
             cost.params - site.dense_params for site, choice, cost in rows if not choice.is_dense
         )
-        macs = sum(cost.macs for _, _, cost in rows)
-        energy = sum(cost.energy for _, _, cost in rows)
+        other = self.space.other_macs
+        macs = other + sum(cost.macs for _, _, cost in rows)
+        energy = other * self.energy_table.mac_pj * PJ + sum(cost.energy for _, _, cost in rows)
         return {"params": params, "macs": macs, "flops": 2 * macs, "energy": energy}
 
     def params(self, config: Config) -> int:
@@ -224,18 +228,20 @@ class CostModel:
         return int(self._totals(config)["params"])
 
     def macs(self, config: Config) -> int:
-        """Multiply-accumulates of all Conv2d and Linear layers for one input sample."""
+        """Multiply-accumulates of one forward pass per input sample: every site under
+        ``config`` and the space's fixed ``other_macs``."""
         return int(self._totals(config)["macs"])
 
     def flops(self, config: Config) -> int:
-        """Floating-point operations of all Conv2d and Linear layers per sample (2 · MACs)."""
+        """Floating-point operations of one forward pass per sample (2 · `macs`)."""
         return 2 * self.macs(config)
 
     def energy(self, config: Config) -> float:
         """Modelled energy of one inference (one sample) in joules.
 
         Σ over stages of MACs · (mult + add) + weight words · DRAM + activation words
-        (inputs + outputs) · SRAM (DRAM when they exceed ``onchip_bytes``). Weights are
+        (inputs + outputs) · SRAM (DRAM when they exceed ``onchip_bytes``), plus the
+        space's ``other_macs`` · (mult + add). Weights are
         fetched from DRAM once per inference (a batch of one sample, as in Han et al. 2015).
         """
         return float(self._totals(config)["energy"])
@@ -262,7 +268,8 @@ class CostModel:
 
     def table(self, config: Config) -> list[dict[str, Any]]:
         """One row per called site for reports: name, choice (e.g. ``"svd:8"``), params, macs
-        (per sample, all calls) and energy (joules per sample)."""
+        (per sample, all calls) and energy (joules per sample). The space's ``other_macs``
+        are in no row."""
         return [
             {
                 "name": site.name,
@@ -277,12 +284,14 @@ class CostModel:
 
 def measure_latency(
     model: nn.Module,
-    example_input: torch.Tensor | tuple[torch.Tensor, ...],
+    example_input: Inputs,
     warmup: int = 5,
     repeats: int = 20,
     threads: int | None = None,
 ) -> float:
-    """The median wall time, in seconds, of one ``model(example_input)`` call.
+    """The median wall time, in seconds, of one call of ``model`` on ``example_input`` (a
+    tensor, a tuple of positional arguments or a dict of keyword arguments: see
+    `ranksearch.inputs.call`).
 
     Runs ``warmup`` untimed calls, then ``repeats`` timed ones, in eval mode under
     `torch.inference_mode` on the model's device (the input is moved there); on CUDA the device
@@ -296,10 +305,9 @@ def measure_latency(
         raise RankSearchError(f"repeats must be an integer ≥ 1, got {repeats!r}")
     if threads is not None and (not is_int(threads) or threads < 1):
         raise RankSearchError(f"threads must be a positive integer or None, got {threads!r}")
-    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
-    tensors = chain(model.parameters(), model.buffers(), inputs)
-    device = next((t.device for t in tensors if isinstance(t, torch.Tensor)), torch.device("cpu"))
-    inputs = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in inputs)
+    held = chain(model.parameters(), model.buffers(), tensors(example_input))
+    device = next((t.device for t in held), torch.device("cpu"))
+    inputs = move(example_input, device)
     cuda = device.type == "cuda"
     modes = [(m, m.training) for m in model.modules()]
     old_threads = torch.get_num_threads()
@@ -310,12 +318,12 @@ def measure_latency(
         model.eval()
         with torch.inference_mode():
             for _ in range(warmup):
-                model(*inputs)
+                call(model, inputs)
             for _ in range(repeats):
                 if cuda:
                     torch.cuda.synchronize(device)
                 start = time.perf_counter()
-                model(*inputs)
+                call(model, inputs)
                 if cuda:
                     torch.cuda.synchronize(device)
                 times.append(time.perf_counter() - start)

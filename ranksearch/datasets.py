@@ -3,8 +3,10 @@
 - ``digits``: scikit-learn's 8×8 digits (1×8×8 in [0, 1]), a stratified 60/20/20 split.
 - ``fashion-mnist``: the IDX files of the Debian package ``dataset-fashion-mnist`` (or any folder
   with them), 1×28×28; validation carved from the training file, test = t10k.
-- ``cifar10``: the CIFAR-10 "python version" batches in a folder the user names, 3×32×32,
-  normalized per channel.
+- ``cifar10``: the CIFAR-10 "binary version" batches in a folder the user names, 3×32×32,
+  normalized per channel (read as raw bytes; the pickled "python version" is refused).
+- ``text``: byte-level language modelling (`ranksearch.text`) over files the user names, by
+  default Python's own standard-library sources; perplexity is its metric.
 
 No loader downloads anything.
 """
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import gzip
 import inspect
-import pickle
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +26,7 @@ from torch.utils.data import TensorDataset
 
 from .errors import DatasetNotFoundError, TaskError
 from .task import Task
+from .text import load_text
 
 __all__ = [
     "FASHION_MNIST_DIR",
@@ -247,30 +249,34 @@ def load_fashion_mnist(
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-_CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+_CIFAR_TRAIN = tuple(f"data_batch_{i}.bin" for i in range(1, 6))
+_CIFAR_TEST = "test_batch.bin"
+_CIFAR_DIR = "cifar-10-batches-bin"
+_CIFAR_RECORD = 1 + 3 * 32 * 32  # a label byte, then the red, green and blue 32×32 planes
 _CIFAR_HELP = (
-    "download the CIFAR-10 python version (cifar-10-python.tar.gz) from the CIFAR-10 home page, "
-    "extract it and pass --data PATH (root=PATH) naming the cifar-10-batches-py folder, which "
-    "holds data_batch_1 … data_batch_5 and test_batch"
+    "download the CIFAR-10 binary version (cifar-10-binary.tar.gz) from the CIFAR-10 home page, "
+    f"extract it and pass --data PATH (root=PATH) naming the {_CIFAR_DIR} folder, which holds "
+    "data_batch_1.bin … data_batch_5.bin and test_batch.bin"
 )
 
 
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """One pickled batch → (N×3×32×32 uint8 images, N int64 labels). Only open trusted files:
-    the format is a pickle."""
+    """One binary batch (records of a label byte and 3072 pixel bytes) → (N×3×32×32 uint8
+    images, N int64 labels)."""
     try:
-        with path.open("rb") as f:
-            batch = pickle.load(f, encoding="bytes")
-    except (OSError, EOFError, pickle.UnpicklingError, ValueError, TypeError) as exc:
-        raise TaskError(f"{path}: cannot unpickle it ({exc}); the file is corrupt") from exc
-    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
-        raise TaskError(f"{path}: expected a pickled dict with keys b'data' and b'labels'")
-    data, labels = np.asarray(batch[b"data"]), np.asarray(batch[b"labels"], dtype=np.int64)
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise TaskError(f"{path}: b'data' must be N×3072 uint8, got {data.dtype} {data.shape}")
-    if labels.shape != (len(data),) or (len(labels) and not 0 <= labels.min() <= labels.max() <= 9):
-        raise TaskError(f"{path}: b'labels' must hold {len(data)} classes in 0..9")
-    return data.reshape(-1, 3, 32, 32), labels
+        raw = np.fromfile(path, dtype=np.uint8)
+    except OSError as exc:
+        raise TaskError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    if raw.size == 0 or raw.size % _CIFAR_RECORD:
+        raise TaskError(f"{path}: {raw.size} bytes is not a whole number of {_CIFAR_RECORD}-byte "
+                        f"CIFAR-10 records (a label byte and 3072 pixels); the file is truncated "
+                        f"or not a CIFAR-10 binary batch; {_CIFAR_HELP}")
+    records = raw.reshape(-1, _CIFAR_RECORD)
+    labels = records[:, 0].astype(np.int64)
+    if labels.max() > 9:
+        raise TaskError(f"{path}: a label byte is {labels.max()}, not a class in 0..9; the file "
+                        "is not a CIFAR-10 binary batch (CIFAR-100's has two label bytes)")
+    return records[:, 1:].reshape(-1, 3, 32, 32), labels
 
 
 def load_cifar10(
@@ -282,28 +288,36 @@ def load_cifar10(
     normalize: bool = True,
     seed: int = 0,
 ) -> Task:
-    """CIFAR-10 from the python batches in ``root`` (required; the folder itself or its parent
-    holding ``cifar-10-batches-py``): 3×32×32 floats, standardized per channel with the usual
-    CIFAR-10 mean and std (or left in [0, 1] when ``normalize`` is False), 10 classes.
+    """CIFAR-10 from the binary batches in ``root`` (required; the folder itself or its parent
+    holding ``cifar-10-batches-bin``), read as raw bytes (no pickle): 3×32×32 floats,
+    standardized per channel with the usual CIFAR-10 mean and std (or left in [0, 1] when
+    ``normalize`` is False), 10 classes.
 
     Splits as in `load_fashion_mnist`: validation carved from the five training batches
-    (default 5,000 images), test = ``test_batch``. Nothing is downloaded.
+    (default 5,000 images), test = ``test_batch.bin``. Nothing is downloaded. The python
+    version (pickled batches) is refused: unpickling a file can run code.
     """
     if root is None:
         raise DatasetNotFoundError(f"cifar10 needs the folder of its data; {_CIFAR_HELP}")
     folder = Path(root)
-    if not (folder / "test_batch").is_file() and (folder / "cifar-10-batches-py").is_dir():
-        folder = folder / "cifar-10-batches-py"
+    if not (folder / _CIFAR_TEST).is_file() and (folder / _CIFAR_DIR).is_dir():
+        folder = folder / _CIFAR_DIR
     if not folder.is_dir():
         raise DatasetNotFoundError(f"CIFAR-10 folder {folder} does not exist; {_CIFAR_HELP}")
-    missing = [n for n in (*_CIFAR_TRAIN, "test_batch") if not (folder / n).is_file()]
+    missing = [n for n in (*_CIFAR_TRAIN, _CIFAR_TEST) if not (folder / n).is_file()]
+    pickled = (folder / "test_batch", folder / "cifar-10-batches-py" / "test_batch")
+    if missing and any(f.is_file() for f in pickled):
+        raise DatasetNotFoundError(
+            f"{folder} holds the CIFAR-10 python version, whose batches are pickles (reading "
+            f"them could run code), so ranksearch does not read it; {_CIFAR_HELP}"
+        )
     if missing:
         raise DatasetNotFoundError(
             f"CIFAR-10: {', '.join(missing)} missing in {folder}; {_CIFAR_HELP}"
         )
     parts = [_read_cifar_batch(folder / name) for name in _CIFAR_TRAIN]
     images, labels = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-    test_images, test_labels = _read_cifar_batch(folder / "test_batch")
+    test_images, test_labels = _read_cifar_batch(folder / _CIFAR_TEST)
     train, val = _carve(labels, seed, val_fraction, train_size, val_size)
     test = _subsample(test_labels, test_size, seed)
     mean = np.asarray(CIFAR10_MEAN, np.float32).reshape(1, 3, 1, 1)
@@ -329,15 +343,19 @@ TASKS: dict[str, Callable[..., Task]] = {
     "digits": load_digits,
     "fashion-mnist": load_fashion_mnist,
     "cifar10": load_cifar10,
+    "text": load_text,
 }
-# the reference model of each built-in task, built with the task's channels and classes
-REFERENCE_MODELS = {"digits": "digits-cnn", "fashion-mnist": "resnet20", "cifar10": "resnet20"}
+# the reference model of each built-in task, built with the task's channels and classes (or, for
+# a language model, its context and vocabulary)
+REFERENCE_MODELS = {"digits": "digits-cnn", "fashion-mnist": "resnet20", "cifar10": "resnet20",
+                    "text": "gpt-tiny"}
 
 
 def load_task(name: str, root: str | Path | None = None, **options: Any) -> Task:
     """Load the built-in task ``name`` (a key of `TASKS`). ``root`` is its data folder (the
-    ``--data`` option of the CLI; not used by digits); ``options`` go to its loader (e.g.
-    ``train_size``, ``val_size``, ``seed``)."""
+    ``--data`` option of the CLI; not used by digits; for text, a file, folder or glob);
+    ``options`` go to its loader (e.g. ``train_size``, ``val_size``, ``seed``; for text
+    ``files``, ``context``, ``max_bytes``)."""
     if name not in TASKS:
         raise TaskError(
             f"unknown task {name!r}; choose one of: {', '.join(TASKS)}, "

@@ -71,6 +71,11 @@ class ExportError(RankSearchError, RuntimeError):
     it (then nothing is written)."""
 
 
+class ModelFileError(RankSearchError, ValueError):
+    """A file given to `ranksearch.load` is missing, empty, truncated, corrupt, or not a
+    compressed model written by `ranksearch.save`."""
+
+
 class OptionError(RankSearchError, ValueError):
     """A strategy option has a bad value; the message names the strategy, the option, the
     value and what is valid (see `ranksearch.options`)."""

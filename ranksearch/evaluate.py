@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
+import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass
-from itertools import cycle, islice
+from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import options as check
 from .cache import FactorCache
 from .config import Config
 from .cost import CostModel, measure_latency
-from .errors import CandidateFailed, RankSearchError
+from .errors import CandidateFailed, RankSearchError, TaskError
 from .fingerprint import Fingerprint, fingerprint
+from .inputs import call, move
+from .metrics import METRICS, Meter, Metric, prediction
 from .result import Result, Status
 from .space import RankSpace
 from .surgery import compress
@@ -27,7 +33,8 @@ from .task import Task
 
 log = logging.getLogger(__name__)
 
-#: Called with (step, accuracy) at each intermediate validation; return False to stop early.
+#: Called with (step, value of the task's metric) at each intermediate validation; return False
+#: to stop early.
 Reporter = Callable[[int, float], bool]
 
 #: Device names a proxy accepts: a kind, optionally with an index ("cuda:1").
@@ -45,8 +52,8 @@ class ProxySettings:
     ``eval_batches`` batches (all of the validation set when None). Otherwise ``steps``
     fine-tuning steps with ``optimizer`` ("adam" or "sgd"), and with knowledge distillation from
     the dense model when ``distill`` > 0 (the weight of the KD term, temperature
-    ``temperature``). Accuracy is reported every ``report_every`` steps. A loss that is not
-    finite, or that exceeds ``diverge_factor`` times the first loss, fails the candidate.
+    ``temperature``). The task's metric is reported every ``report_every`` steps. A loss that
+    is not finite, or that exceeds ``diverge_factor`` times the first loss, fails the candidate.
     ``latency=True`` measures each candidate's median latency (batch 1, ``latency_repeats``
     runs) on the device; the search turns it on when a constraint or objective names latency.
     ``device`` is "cpu", "cuda", "cuda:N", "mps" or "xpu" (a `torch.device` is taken too);
@@ -71,14 +78,20 @@ class ProxySettings:
     latency_repeats: int = 10
 
     def __post_init__(self) -> None:
-        if self.steps < 0 or self.batch_size < 1 or self.lr <= 0 or self.report_every < 1:
-            raise RankSearchError(
-                "proxy settings need steps >= 0, batch_size >= 1, lr > 0 and report_every >= 1"
-            )
-        if self.optimizer not in ("adam", "sgd"):
-            raise RankSearchError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
-        if not 0 <= self.distill <= 1:
-            raise RankSearchError(f"distill must be in [0, 1], got {self.distill}")
+        """Check every field (an `OptionError` naming it), and canonicalize ``device``."""
+        who = "ProxySettings"
+        for name, low in (("steps", 0), ("batch_size", 1), ("eval_batch_size", 1),
+                          ("report_every", 1), ("seed", 0), ("latency_repeats", 1)):
+            check.integer(getattr(self, name), name, who, low)
+        check.integer(self.eval_batches, "eval_batches", who, 1, optional=True)
+        for name in ("lr", "temperature"):
+            check.positive(getattr(self, name), name, who)
+        check.number_in(self.weight_decay, "weight_decay", who, 0.0)
+        check.number_in(self.momentum, "momentum", who, 0.0, 1.0)
+        check.number_in(self.distill, "distill", who, 0.0, 1.0)
+        check.number_in(self.diverge_factor, "diverge_factor", who, 1.0, open_low=True)
+        check.choice(self.optimizer, "optimizer", who, ("adam", "sgd"))
+        check.boolean(self.latency, "latency", who)
         object.__setattr__(self, "device", device_name(self.device))
 
     def describe(self) -> str:
@@ -107,7 +120,12 @@ class Evaluator:
 
     ``evaluator(config) -> Result`` never raises for a bad candidate: a failed decomposition
     or a diverging loss gives a ``failed`` result with the reason, and a reporter asking to
-    stop gives a ``pruned`` one with the accuracy reached.
+    stop gives a ``pruned`` one with the metric reached.
+
+    The task's own ``train_step``, ``finetune`` and ``evaluate`` (see `Task`) replace the
+    proxy's loop and validation. With ``keep`` (a folder), the state dict of every candidate
+    scored ``ok`` is written there (`weights_path`) and its path recorded in the result, so
+    `scored` gives it back without fine-tuning again.
     """
 
     def __init__(
@@ -118,34 +136,47 @@ class Evaluator:
         space: RankSpace | None = None,
         cache: FactorCache | None = None,
         fingerprint: Fingerprint | None = None,
+        keep: str | os.PathLike | None = None,
     ) -> None:
+        if settings.distill and (task.train_step is not None or task.finetune is not None):
+            raise RankSearchError(
+                "distill applies to the proxy's own training loop, and this task brings its "
+                "own (train_step or finetune); set distill=0 and distil in your own step"
+            )
         self.model = model.eval()
         self.task = task
         self.settings = settings
         self.space = space or RankSpace.discover(model, task.example_input())
         self.cache = cache or FactorCache(model, self.space)
         self.costs = CostModel(self.space)
-        self._val = _batches(task, "val", settings.eval_batch_size, settings.eval_batches)
+        self._val = [] if task.val is None else _batches(
+            task, "val", settings.eval_batch_size, settings.eval_batches)
         self._dense_latency: float | None = None
         self._fingerprint = fingerprint
+        self.keep = None if keep is None else Path(keep)
 
     @property
     def fingerprint(self) -> Fingerprint:
-        """The fingerprint of this evaluator's measurements (weights, data, loss, proxy
-        settings, space), computed once."""
+        """The fingerprint of this evaluator's measurements (weights, data, loss, metric,
+        proxy settings, space), computed once."""
         if self._fingerprint is None:
             self._fingerprint = fingerprint(self.model, self.task, self.settings, self.space)
         return self._fingerprint
 
+    @property
+    def metric(self) -> Metric:
+        """The task's metric, which the evaluator reports and a reporter is given."""
+        return self.task.metric  # type: ignore[return-value]
+
     def result(self, config: Config, metrics: dict[str, float], status: Status = "ok",
                reason: str | None = None, wall_time: float = 0.0,
-               partial: int | None = None) -> Result:
+               partial: int | None = None, weights: str | None = None) -> Result:
         """A `Result` of ``config`` stamped with this evaluator's proxy and fingerprint."""
         proxy = self.settings.describe() if partial is None else \
             f"zero-shot on {partial} validation batch{'es' if partial > 1 else ''}"
         return Result(config=config, metrics=metrics, status=status, reason=reason,
                       wall_time=wall_time, proxy=proxy, fingerprint=self.fingerprint.digest,
-                      partial=partial)
+                      partial=partial, weights=weights)
 
     def candidate(self, config: Config, report: Reporter | None = None
                   ) -> tuple[nn.Module, bool]:
@@ -155,9 +186,55 @@ class Evaluator:
         candidate = self.build(config)
         return candidate, self._tune(candidate, report)
 
+    def scored(self, result: Result) -> nn.Module:
+        """The candidate scored for ``result``, in eval mode: its kept weights when the result
+        has them (and they were kept under this fingerprint, for this config), else built and
+        fine-tuned again by `candidate`."""
+        if result.weights is not None:
+            kept = self.load_weights(result)
+            if kept is not None:
+                return kept.eval()
+        return self.candidate(result.config)[0].eval()
+
     def build(self, config: Config) -> nn.Module:
         """``config`` built from the factor cache, on the proxy's device, nothing trained."""
         return compress(self.model, config, cache=self.cache).to(self.settings.device)
+
+    def weights_path(self, config: Config) -> Path:
+        """Where the kept weights of ``config`` are written (``keep`` must be set)."""
+        if self.keep is None:
+            raise RankSearchError("this evaluator keeps no weights; pass keep=folder")
+        return self.keep / f"{hashlib.sha256(config.key.encode()).hexdigest()[:20]}.pt"
+
+    def save_weights(self, config: Config, model: nn.Module) -> str:
+        """Write ``model``'s state dict for ``config`` atomically (`weights_path`), with this
+        evaluator's fingerprint and the config's key; returns the path."""
+        path = self.weights_path(config)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save({"fingerprint": self.fingerprint.digest, "key": config.key, "state": state},
+                   tmp)
+        os.replace(tmp, path)
+        return str(path)
+
+    def load_weights(self, result: Result) -> nn.Module | None:
+        """The candidate of ``result`` with its kept weights loaded; None (with a warning)
+        when the file is gone or was kept under another fingerprint or config."""
+        path = Path(result.weights or "")
+        if not path.is_file():
+            log.warning("the kept weights %s of %s are gone; fine-tuning it again", path,
+                        result.config)
+            return None
+        kept = torch.load(path, map_location="cpu", weights_only=True)
+        if kept.get("fingerprint") != self.fingerprint.digest or \
+                kept.get("key") != result.config.key:
+            log.warning("the kept weights %s were not measured by this search (fingerprint or "
+                        "config differ); fine-tuning %s again", path, result.config)
+            return None
+        model = self.build(result.config)
+        model.load_state_dict(kept["state"])
+        return model
 
     def _tune(self, candidate: nn.Module, report: Reporter | None) -> bool:
         """The proxy's seeded fine-tuning of ``candidate`` in place; True when ``report``
@@ -171,13 +248,16 @@ class Evaluator:
     def __call__(self, config: Config, report: Reporter | None = None,
                  partial: int | None = None) -> Result:
         """The proxy score of ``config``; with ``partial``, its partial score instead: zero-shot
-        accuracy and loss on the first ``partial`` validation batches (nothing trained)."""
+        metric and loss on the first ``partial`` validation batches (nothing trained)."""
         start = time.perf_counter()
         metrics: dict[str, float] = dict(self.costs.metrics(config))
-        status, reason = "ok", None
+        status, reason, weights = "ok", None, None
         try:
             candidate = self.build(config)  # built once: timed, then fine-tuned in place
             if partial is not None:
+                if not self._val:
+                    raise CandidateFailed("a partial score needs the task's val data, and "
+                                          "this task has none (it brings its own evaluate)")
                 metrics.update(self.validate(candidate, self._val[:partial]))
                 _check_finite(metrics)
                 return self.result(config, metrics, wall_time=time.perf_counter() - start,
@@ -189,17 +269,19 @@ class Evaluator:
             if stopped:
                 status = "pruned"
             _check_finite(metrics)
+            if self.keep is not None and status == "ok":
+                weights = self.save_weights(config, candidate)
         except CandidateFailed as e:
             status, reason = "failed", str(e)
         except Exception as e:  # any fault inside one candidate fails that candidate only
             log.warning("candidate %s failed: %s: %s", config, type(e).__name__, e)
             status, reason = "failed", f"{type(e).__name__}: {e}"
         return self.result(config, metrics, status, reason, time.perf_counter() - start,
-                           partial=partial)
+                           partial=partial, weights=weights)
 
     def latency(self, model: nn.Module) -> dict[str, float]:
         """Median latency (seconds, batch 1) of ``model`` and its ratio to the dense model's."""
-        example = self.task.example_input().to(self.settings.device)
+        example = move(self.task.example_input(), self.settings.device)
         repeats = self.settings.latency_repeats
         if self._dense_latency is None:
             self._dense_latency = measure_latency(self.model.to(self.settings.device), example,
@@ -208,24 +290,41 @@ class Evaluator:
         return {"latency": seconds, "latency_ratio": seconds / self._dense_latency}
 
     def validate(self, model: nn.Module, batches: list[tuple] | None = None) -> dict[str, float]:
-        """Accuracy and mean loss on the validation batches (or on ``batches``)."""
+        """The task's metric and the mean loss on the validation batches (or on ``batches``);
+        the task's own ``evaluate`` when it has one (and no ``batches`` are given)."""
+        if batches is None and self.task.evaluate is not None:
+            return self._own_evaluate(model)
         device = self.settings.device
         model.eval()
-        correct = total = 0
-        loss = 0.0
+        meter = Meter((self.metric, METRICS["loss"]), self.task.loss)
         with torch.inference_mode():
             for x, y in self._val if batches is None else batches:
-                x, y = x.to(device), y.to(device)
-                out = model(x)
-                loss += float(self.task.loss(out, y)) * len(y)
-                correct += int((out.argmax(1) == y).sum())
-                total += len(y)
-        return {"accuracy": correct / total, "loss": loss / total}
+                out = call(model, move(x, device))
+                meter.add(prediction(out, self.task.output), move(y, device))
+        return meter.values()
+
+    def _own_evaluate(self, model: nn.Module) -> dict[str, float]:
+        model.eval()
+        with torch.inference_mode():
+            got = self.task.evaluate(model)  # type: ignore[misc]
+        if not isinstance(got, Mapping) or self.metric.name not in got:
+            have = sorted(got) if isinstance(got, Mapping) else type(got).__name__
+            raise CandidateFailed(
+                f"the task's evaluate(model) returned {have}; it must return a dict with the "
+                f"task's metric {self.metric.name!r} (e.g. {{{self.metric.name!r}: 0.9}})")
+        try:
+            return {str(k): float(v) for k, v in got.items()}
+        except (TypeError, ValueError) as e:
+            raise CandidateFailed(f"the task's evaluate(model) returned a value that is not a "
+                                  f"number: {e}") from e
 
     def _finetune(self, model: nn.Module, report: Reporter | None) -> bool:
         """Fine-tune in place; True when the reporter stopped it early."""
-        s = self.settings
-        loader = self.task.loader("train", s.batch_size, shuffle=True, seed=s.seed)
+        s, task = self.settings, self.task
+        if task.finetune is not None:
+            model.train()
+            task.finetune(model, s.steps)
+            return False
         params = [p for p in model.parameters() if p.requires_grad]
         if s.optimizer == "adam":
             opt = torch.optim.Adam(params, lr=s.lr, weight_decay=s.weight_decay)
@@ -233,36 +332,65 @@ class Evaluator:
             opt = torch.optim.SGD(params, lr=s.lr, momentum=s.momentum,
                                   weight_decay=s.weight_decay)
         teacher = self.model.to(s.device) if s.distill else None
+        batches = islice(_repeat(task.loader("train", s.batch_size, shuffle=True, seed=s.seed)),
+                         s.steps)
         first = None
         model.train()
-        for step, (x, y) in enumerate(islice(cycle(loader), s.steps), start=1):
-            x, y = x.to(s.device), y.to(s.device)
-            out = model(x)
-            loss = self.task.loss(out, y)
-            if teacher is not None:
-                with torch.no_grad():
-                    target = F.log_softmax(teacher(x) / s.temperature, 1)
-                kd = F.kl_div(F.log_softmax(out / s.temperature, 1), target, log_target=True,
-                              reduction="batchmean") * s.temperature**2
-                loss = (1 - s.distill) * loss + s.distill * kd
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise CandidateFailed(f"loss became {value} at fine-tuning step {step}")
+        for step, batch in enumerate(batches, start=1):
+            if task.train_step is not None:
+                loss = task.train_step(model, move(batch, s.device), opt)
+                value = _loss_value(loss, step)
+            else:
+                x, y = move(batch[0], s.device), move(batch[1], s.device)
+                out = prediction(call(model, x), task.output)
+                loss = task.loss(out, y)
+                if teacher is not None:
+                    with torch.no_grad():
+                        soft = prediction(call(teacher, x), task.output) / s.temperature
+                        target = F.log_softmax(soft, -1)
+                    kd = F.kl_div(F.log_softmax(out / s.temperature, -1), target,
+                                  log_target=True, reduction="batchmean") * s.temperature**2
+                    loss = (1 - s.distill) * loss + s.distill * kd
+                value = _loss_value(loss, step)
             first = first if first is not None else value
             if value > s.diverge_factor * max(first, 1e-3):
                 raise CandidateFailed(
                     f"loss diverged at step {step}: {value:.3g} > {s.diverge_factor:g} × the "
                     f"first loss {first:.3g}; try a lower learning rate"
                 )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if task.train_step is None:
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
             if report is not None and (step % s.report_every == 0 or step == s.steps):
-                accuracy = self.validate(model)["accuracy"]
+                score = self.validate(model)[self.metric.name]
                 model.train()
-                if not report(step, accuracy) and step < s.steps:
+                if not report(step, score) and step < s.steps:
                     return True
         return False
+
+
+def _loss_value(loss: Any, step: int) -> float:
+    """The loss of one step as a float; fails the candidate when it is not finite."""
+    try:
+        value = float(loss.detach() if isinstance(loss, torch.Tensor) else loss)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CandidateFailed(f"the training step returned {type(loss).__name__}, not a loss "
+                              "(a number or a scalar tensor)") from e
+    if not math.isfinite(value):
+        raise CandidateFailed(f"loss became {value} at fine-tuning step {step}")
+    return value
+
+
+def _repeat(batches: Iterable[Any]) -> Iterator[Any]:
+    """The batches read again and again (each pass a new epoch), without end."""
+    while True:
+        empty = True
+        for batch in batches:
+            empty = False
+            yield batch
+        if empty:
+            raise CandidateFailed("the training data gave no batches")
 
 
 def _check_finite(metrics: dict[str, float]) -> None:
@@ -276,4 +404,11 @@ def _check_finite(metrics: dict[str, float]) -> None:
 def _batches(task: Task, split: str, batch_size: int, limit: int | None) -> list[tuple]:
     """The first ``limit`` batches of a split, kept in memory (the same for every candidate)."""
     loader = task.loader(split, batch_size, shuffle=False, seed=0)
-    return list(islice(loader, limit)) if limit else list(loader)
+    found = list(islice(loader, limit)) if limit else list(loader)
+    if not found:
+        raise TaskError(f"task {task.name!r}: the {split} data gave no batches")
+    bad = next((b for b in found if not (isinstance(b, list | tuple) and len(b) == 2)), None)
+    if bad is not None:
+        raise TaskError(f"task {task.name!r}: a {split} batch must be an (inputs, targets) pair, "
+                        f"got {type(bad).__name__}")
+    return found

@@ -1,10 +1,11 @@
 """Export: rebuild exactly the model a search scored, and write it.
 
 The stored result of a config was measured on a candidate built from the factor cache and
-fine-tuned by the proxy (seeded). `scored_model` rebuilds that candidate through the same
-`Evaluator.candidate`, after checking that the model and task given are the ones the search
-measured (the study's fingerprint), and validates it again, so the written model is the one
-whose figures the store holds.
+fine-tuned by the proxy (seeded). `scored_model` gives that candidate back, after checking
+that the model and task given are the ones the search measured (the study's fingerprint):
+with the weights the search kept (``keep_weights=True``), nothing trained again, or rebuilt
+through the same `Evaluator.candidate`; and validates it again, so the written model is the
+one whose figures the store holds.
 
 `Exported.write` writes it as a ``ranksearch`` file, which `ranksearch.load` rebuilds on the
 dense model, or as a file that stands alone (`ranksearch.formats`).
@@ -96,8 +97,9 @@ def scored_model(
     config: Config | None = None,
 ) -> Exported:
     """The candidate a search scored, rebuilt from ``model`` (the dense model searched) and
-    ``task``: ``config``, or the most accurate stored result meeting ``pick`` (default: the
-    search's constraints).
+    ``task``: ``config``, or the best stored result by the task's metric meeting ``pick``
+    (default: the search's constraints). Its kept weights are loaded when the search kept them
+    (see `Evaluator.scored`); otherwise it is fine-tuned again by the same seeded proxy.
 
     Raises `StoreError` when the model, the task or the settings differ from those the study
     measured (naming what differs), or when nothing meets ``pick``.
@@ -106,7 +108,8 @@ def scored_model(
     study = study_of(url, study)
     results, meta = read_study(url, study)
     if config is None:
-        picked = best(results, pick or meta.get("constraints", []))
+        picked = best(results, pick or meta.get("constraints", []),
+                      metric=task.metric)  # type: ignore[arg-type]
         if picked is None:
             raise StoreError(f"no stored result of {study!r} meets {list(map(str, pick))}; "
                              "relax the budget")
@@ -126,5 +129,5 @@ def scored_model(
         if differences:
             raise StoreError(f"the model or task given is not the one study {study!r} measured: "
                              f"{'; '.join(differences)}. Pass the model and task of the search.")
-    candidate, _ = evaluator.candidate(picked.config)
-    return Exported(candidate.eval(), picked.config, picked, evaluator.validate(candidate))
+    candidate = evaluator.scored(picked)
+    return Exported(candidate, picked.config, picked, evaluator.validate(candidate))

@@ -12,13 +12,14 @@ import hashlib
 import inspect
 import json
 import platform
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sized
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset
 
 if TYPE_CHECKING:
     from .evaluate import ProxySettings
@@ -89,12 +90,31 @@ def fingerprint(model: nn.Module, task: Task, settings: ProxySettings, space: Ra
     parts = {
         "weights": model_digest(model),
         "data": task_digest(task),
-        "loss": callable_digest(task.loss) + f":{task.metric}",
+        "loss": task_code_digest(task),
         "proxy": _digest(json.dumps(proxy, sort_keys=True, default=str).encode()),
         "space": space_signature(space),
         "code": __version__,
     }
     return Fingerprint(parts, {"proxy": proxy, "space": space_settings})
+
+
+def task_code_digest(task: Task) -> str:
+    """A digest of what the task computes a score with: its loss, its metric (name,
+    direction and functions), its output selector and its own training and evaluation
+    functions (by source, see `callable_digest`)."""
+    metric = task.metric
+    parts = [callable_digest(task.loss), f"metric:{metric}"]
+    if not isinstance(metric, str):
+        parts.append(metric.direction)
+        parts += [callable_digest(f) for f in (metric.fn, metric.batch, metric.finish)
+                  if f is not None]
+    output = task.output
+    parts.append(callable_digest(output) if callable(output) else f"output:{output}")
+    for name in ("train_step", "finetune", "evaluate"):
+        fn = getattr(task, name, None)
+        if fn is not None:
+            parts.append(f"{name}:{callable_digest(fn)}")
+    return _digest("\n".join(parts).encode())
 
 
 def model_digest(model: nn.Module) -> str:
@@ -108,13 +128,33 @@ def model_digest(model: nn.Module) -> str:
 
 
 def task_digest(task: Task) -> str:
-    """A digest of the task's name, shapes and its train, val and test data."""
+    """A digest of the task's name, shapes and its train, val and test data (see
+    `data_digest`)."""
     h = hashlib.sha256(f"{task.name}:{task.input_shape}:{task.num_classes}".encode())
     for split in ("train", "val", "test"):
         data = getattr(task, split)
         h.update(f"{split}:".encode())
         if data is not None:
-            h.update(dataset_digest(data).encode())
+            h.update(data_digest(data).encode())
+    return h.hexdigest()[:16]
+
+
+def data_digest(data: Any) -> str:
+    """A digest of one split: `dataset_digest` of a map-style dataset; of a `DataLoader`, its
+    batch size and its dataset's digest; of an `IterableDataset` or another iterable of
+    batches, the items it yields (up to `FULL_READ_LIMIT` of them)."""
+    if isinstance(data, DataLoader):
+        inner = data.dataset
+        head = f"DataLoader:{data.batch_size}:{data.drop_last}:"
+        return _digest((head + data_digest(inner)).encode())
+    if isinstance(data, Sized) and hasattr(data, "__getitem__") \
+            and not isinstance(data, IterableDataset):
+        return dataset_digest(data)
+    h = hashlib.sha256(f"{type(data).__qualname__}:".encode())
+    items = list(islice(data, FULL_READ_LIMIT))
+    for item in items:
+        _update(h, item)
+    h.update(f":{len(items)}".encode())
     return h.hexdigest()[:16]
 
 

@@ -2,8 +2,10 @@
 
 A driver asks the loop for work (`SearchLoop.propose`) and hands back each finished
 evaluation (`SearchLoop.finish`); the loop asks the strategy, skips what the store holds,
-marks what breaks a cost constraint, commits every result before anything else is asked, and
-tells the strategy the results of each ask, in order, once they are all known. `Termination`
+marks what breaks a cost constraint, claims each new config in the store before queueing it
+(so processes sharing a study never evaluate one config twice), commits every result before
+anything else is asked, and tells the strategy the results of each ask, in order, once they
+are all known (a config another writer is evaluating is waited for). `Termination`
 decides when to stop. Drivers: `ranksearch.executors.local` (in this process) and
 `ranksearch.executors.ray` (Ray Tune's searcher adapts ``suggest``/``on_trial_complete``).
 """
@@ -30,6 +32,9 @@ log = logging.getLogger(__name__)
 #: Asks in a row that bring nothing new to evaluate before a strategy is taken to be exhausted.
 MAX_IDLE_ROUNDS = 100
 
+#: Seconds between reads of the store while waiting on configs other writers evaluate.
+POLL = 0.25
+
 
 @dataclass
 class Termination:
@@ -45,6 +50,12 @@ class Termination:
     def __post_init__(self) -> None:
         if self.time_limit is not None:
             self._deadline = time.monotonic() + self.time_limit
+
+    @property
+    def deadline(self) -> float | None:
+        """When the time limit runs out (`time.monotonic` seconds), or None without one; a
+        driver stops an evaluation still running then (see `ranksearch.executors`)."""
+        return self._deadline
 
     def check(self, counted: int) -> str | None:
         """The reason to stop given ``counted`` results toward the budget (stored plus in
@@ -97,6 +108,7 @@ class SearchLoop:
         self.best: Result | None = None
         self._queue: deque[Work] = deque()
         self._pending: set[str] = set()  # keys queued or running
+        self._elsewhere: dict[str, Work] = {}  # asked, but another writer is evaluating it
         self._asks: deque[_Ask] = deque()
         self._waiting = False
         #: stored failures a retry may evaluate again; they do not count against the budget
@@ -119,16 +131,31 @@ class SearchLoop:
         failures a retry has yet to evaluate again)."""
         return len(self.store) - len(self._failures)
 
+    @property
+    def counted(self) -> int:
+        """What counts against the budget: stored, ours in flight, and other writers' live
+        claims on this study."""
+        return self.stored + len(self._pending) + self.store.claimed
+
     def propose(self) -> Work | Wait | Done:
         """The next evaluation to run, `WAIT` while the strategy waits on running ones, or
         `DONE` (see `stopped`)."""
         while True:
             if self._queue:
                 return self._queue.popleft()
-            if self.termination.check(self.stored + len(self._pending)) is not None:
+            self.store.refresh()  # what other writers stored and claimed meanwhile
+            self._settle()
+            if self._queue:
+                continue
+            if self.termination.check(self.counted) is not None:
                 return DONE
             if self._waiting:
                 return WAIT
+            if self._elsewhere:  # asked, evaluated by another writer: wait for its result
+                if self._pending:
+                    return WAIT
+                time.sleep(POLL)
+                continue
             try:
                 proposals = self.strategy.ask()
             except StopSearch:
@@ -141,11 +168,13 @@ class SearchLoop:
             if self._pending:
                 self._waiting = True
                 return WAIT
-            self.termination.idle(False)
+            if not self._elsewhere:
+                self.termination.idle(False)
 
     def finish(self, result: Result) -> None:
         """Commit a finished evaluation, then tell the strategy every ask now complete."""
         self.store.save(result)
+        result = self.store.get(result.config, result.partial) or result  # theirs, if first
         self._failures.discard(result.key)
         self._pending.discard(result.key)
         self._waiting = False
@@ -164,7 +193,9 @@ class SearchLoop:
         log.warning("interrupted: finished evaluations are stored; run again to resume")
 
     def close(self) -> None:
+        """End the search: claims not evaluated are released for other writers."""
         self.bar.close()
+        self.store.release()
 
     # -- one ask --------------------------------------------------------------------------------
     def _add(self, proposals: Sequence[object]) -> int:
@@ -180,20 +211,63 @@ class SearchLoop:
                 continue
             ask.keys.append(key)
             stored = self.store.get(config, proposal.partial)
-            if stored is not None and not self._retry(stored):
+            retry = stored is not None and self._retry(stored)
+            if stored is not None and not retry:
                 ask.results[key] = stored
             elif not proposal.probe and not self.ctx.feasible(config):
                 ask.results[key] = self._infeasible(config, proposal.partial)
-            elif key in self._pending:
+            elif key in self._pending or key in self._elsewhere:
                 ask.waiting.add(key)
-            elif self.stored + len(self._pending) < self.termination.evaluations:
-                self._queue.append(Work(config, proposal.partial))
-                self._pending.add(key)
+            elif self.counted < self.termination.evaluations:
+                work = Work(config, proposal.partial)
                 ask.waiting.add(key)
-                queued += 1
+                if self._claim(work, retry):
+                    queued += 1
+                elif key not in self._elsewhere:
+                    ask.waiting.discard(key)
+                    ask.results[key] = self.store.get(config, proposal.partial)  # type: ignore[assignment]
         self._asks.append(ask)
         self._tell_ready()
         return queued
+
+    def _claim(self, work: Work, retry: bool = False) -> bool:
+        """Claim ``work`` in the store: queued when ours (True); when another writer is
+        evaluating it, awaited; when stored meanwhile, or recorded failed because its
+        evaluations kept dying, its result is in the store."""
+        claim = self.store.claim(work.config, work.partial, retry)
+        if claim.status == "ours":
+            self._elsewhere.pop(work.key, None)
+            self._queue.append(work)
+            self._pending.add(work.key)
+            return True
+        if claim.status == "busy":
+            self._elsewhere[work.key] = work
+            return False
+        self._elsewhere.pop(work.key, None)
+        if claim.status == "abandoned":
+            failed = Result(work.config, self.ctx.costs.metrics(work.config), "failed",
+                            claim.reason, proxy="claim expired", fingerprint=self.fingerprint,
+                            partial=work.partial)
+            self.store.save(failed)
+        return False
+
+    def _settle(self) -> None:
+        """Hand over the results other writers stored for configs we wait on; take over
+        their claims that expired."""
+        for key, work in list(self._elsewhere.items()):
+            if self.store.busy(key):
+                continue
+            found = self.store.get(work.config, work.partial)
+            if found is None:
+                if self._claim(work) or key in self._elsewhere:
+                    continue
+                found = self.store.get(work.config, work.partial)
+            self._elsewhere.pop(key, None)
+            for ask in self._asks:
+                if key in ask.waiting and found is not None:
+                    ask.waiting.discard(key)
+                    ask.results[key] = found
+        self._tell_ready()
 
     def _retry(self, stored: Result) -> bool:
         """Whether to evaluate a stored result again: a failure, once per run, when asked."""
@@ -223,9 +297,10 @@ class SearchLoop:
             return
         cons: Sequence[Constraint] = self.ctx.constraints
         pool = self.store.results() if self.best is None else [self.best, result]
-        self.best = best(pool, cons)
+        quality = self.ctx.quality
+        self.best = best(pool, cons, quality)
         if self.best is not None:
             self.bar.set_postfix_str(
-                f"best acc {self.best.metrics['accuracy']:.4f} at flops "
+                f"best {quality.metric} {quality.value(self.best.metrics):.4g} at flops "
                 f"{self.best.metrics.get('flops_ratio', float('nan')):.3f}"
             )

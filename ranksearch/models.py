@@ -1,10 +1,12 @@
-"""Reference models: plain ``nn.Module`` classifiers whose Conv2d and Linear layers are worth
+"""Reference models: plain ``nn.Module`` networks whose Conv2d and Linear layers are worth
 compressing.
 
 - `DigitsCNN`: a small CNN for the scikit-learn digits (input N×1×8×8).
 - `resnet20`: the CIFAR ResNet-20 of He et al. (2016) with option-A shortcuts (input N×C×H×W,
   e.g. 1×28×28 or 3×32×32).
 - `vgg_small`: a small VGG with batch norm (same inputs as `resnet20`).
+- `GPT` / `gpt_tiny`: a small decoder-only byte-level language model (input B×T token ids,
+  output B×T×vocab logits).
 
 `MODELS` maps a name to its constructor and `build_model` builds one by name.
 """
@@ -20,12 +22,15 @@ from torch import Tensor, nn
 from .errors import UnknownModelError
 
 __all__ = [
+    "GPT",
     "MODELS",
     "BasicBlock",
     "DigitsCNN",
+    "GPTBlock",
     "ResNet",
     "VGGSmall",
     "build_model",
+    "gpt_tiny",
     "resnet20",
     "vgg_small",
 ]
@@ -195,20 +200,86 @@ def vgg_small(in_channels: int = 3, num_classes: int = 10) -> VGGSmall:
     return VGGSmall(in_channels=in_channels, num_classes=num_classes)
 
 
+class GPTBlock(nn.Module):
+    """A pre-norm transformer decoder block: ``x + attn(ln1(x))`` with causal
+    `nn.MultiheadAttention`, then ``x + fc2(gelu(fc1(ln2(x))))``. B×T×dim → B×T×dim."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int = 4) -> None:
+        super().__init__()
+        self.ln1 = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+        self.ln2 = nn.LayerNorm(dim)
+        self.fc1 = nn.Linear(dim, mlp_ratio * dim)
+        self.fc2 = nn.Linear(mlp_ratio * dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """B×T×dim → B×T×dim; position t attends to positions ≤ t only."""
+        t = x.shape[1]
+        mask = torch.ones(t, t, dtype=torch.bool, device=x.device).triu(1)
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, attn_mask=mask, need_weights=False, is_causal=True)[0]
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+
+class GPT(nn.Module):
+    """A decoder-only language model in the style of GPT-2: token and learned position
+    embeddings, ``layers`` `GPTBlock`s, a final layer norm and an untied linear head (so that
+    the head is a decomposable layer too).
+
+    Input B×T int64 token ids in [0, vocab_size) with T ≤ ``context``; output B×T×vocab_size
+    logits of the next token at every position. Weights start as in GPT-2 (normal, std 0.02).
+    """
+
+    def __init__(self, vocab_size: int = 256, context: int = 64, dim: int = 128,
+                 layers: int = 2, heads: int = 4) -> None:
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim ({dim}) must be a multiple of heads ({heads})")
+        self.context = context
+        self.tok = nn.Embedding(vocab_size, dim)
+        self.pos = nn.Embedding(context, dim)
+        self.blocks = nn.Sequential(*(GPTBlock(dim, heads) for _ in range(layers)))
+        self.ln_f = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, vocab_size, bias=False)
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        """B×T token ids → B×T×vocab_size logits."""
+        if tokens.dim() != 2 or tokens.shape[1] > self.context:
+            raise ValueError(f"expected B×T token ids with T ≤ {self.context}, got shape "
+                             f"{tuple(tokens.shape)}")
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.blocks(self.tok(tokens) + self.pos(positions))
+        return self.head(self.ln_f(x))
+
+
+def gpt_tiny(context: int = 64, vocab_size: int = 256) -> GPT:
+    """A 2-layer GPT for byte-level text: 128 dimensions, 4 heads, MLP 128 → 512 → 128,
+    ``context`` positions (default 64) and ``vocab_size`` tokens (default 256 bytes);
+    470,528 parameters at the defaults. Input B×T token ids, output B×T×vocab_size logits."""
+    return GPT(vocab_size=vocab_size, context=context, dim=128, layers=2, heads=4)
+
+
 def _digits_cnn(in_channels: int = 1, num_classes: int = 10) -> DigitsCNN:
     return DigitsCNN(num_classes=num_classes, in_channels=in_channels)
 
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "digits-cnn": _digits_cnn,
+    "gpt-tiny": gpt_tiny,
     "resnet20": resnet20,
     "vgg-small": vgg_small,
 }
 
 
 def build_model(name: str, **kwargs: int) -> nn.Module:
-    """Build the reference model ``name`` (a key of `MODELS`); ``kwargs`` (``in_channels``,
-    ``num_classes``) go to its constructor. Raises `UnknownModelError` for an unknown name."""
+    """Build the reference model ``name`` (a key of `MODELS`); ``kwargs`` go to its constructor
+    (``in_channels`` and ``num_classes`` for the image models, ``context`` and ``vocab_size``
+    for ``gpt-tiny``). Raises `UnknownModelError` for an unknown name."""
     try:
         factory = MODELS[name]
     except KeyError:

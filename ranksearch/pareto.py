@@ -1,9 +1,11 @@
 """Pareto fronts of results: objectives, non-domination, hypervolume, knee and best pick.
 
-Objectives are metric names with a direction: ``accuracy`` is maximized, every other metric
-(``loss``, ``params``, ``macs``, ``flops``, ``energy``, ``latency`` and their ``_ratio``
-forms) minimized; a ``max:`` or ``min:`` prefix overrides that (``"max:top5"`` names a metric
-the library does not know). Internally every objective becomes a cost to minimize: max
+Objectives are metric names with a direction: the metrics known by name have theirs
+(`ranksearch.metrics.METRICS`: ``accuracy`` and ``top5`` maximized, ``loss``,
+``perplexity``, ``mse`` and ``mae`` minimized), and the cost metrics (``params``, ``macs``,
+``flops``, ``energy``, ``latency`` and their ``_ratio`` forms) are minimized; a ``max:`` or
+``min:`` prefix overrides that (``"max:map"`` names a metric of your own). A `Metric` stands for
+the objective of its name and direction. Internally every objective becomes a cost to minimize: max
 objectives are negated.
 
 A result takes part in a front only when its status is ``ok``, it satisfies every constraint
@@ -21,18 +23,23 @@ import numpy as np
 
 from .constraints import COST_METRICS, Constraint, metric_value, parse_constraints
 from .errors import ConstraintError
+from .metrics import METRICS, Metric
 from .result import Result
 
 Direction = Literal["max", "min"]
 
-MAXIMIZED = ("accuracy",)
-MINIMIZED = ("loss", *COST_METRICS, *(f"{m}_ratio" for m in COST_METRICS))
+MAXIMIZED = tuple(m.name for m in METRICS.values() if m.direction == "max")
+MINIMIZED = (*(m.name for m in METRICS.values() if m.direction == "min"), *COST_METRICS,
+             *(f"{m}_ratio" for m in COST_METRICS))
 KNOWN_METRICS = (*MAXIMIZED, *MINIMIZED)
+#: Maximized metrics that are fractions, whose ideal value is 1.
+_FRACTIONS = tuple(m.name for m in METRICS.values() if m.fraction)
 
 _OBJECTIVE_HELP = (
-    f"an objective is a metric name ({', '.join(KNOWN_METRICS)}), maximized for accuracy and "
-    "minimized otherwise, optionally with a 'max:' or 'min:' prefix to set the direction "
-    "(needed for other metric names). Examples: 'accuracy', 'flops', 'min:loss', 'max:top5'"
+    f"an objective is a metric name ({', '.join(KNOWN_METRICS)}), maximized for "
+    f"{', '.join(MAXIMIZED)} and minimized otherwise, optionally with a 'max:' or 'min:' prefix "
+    "to set the direction (needed for other metric names), or a Metric. Examples: 'accuracy', "
+    "'flops', 'min:loss', 'max:map'"
 )
 
 
@@ -65,10 +72,12 @@ class Objective:
         object.__setattr__(self, "direction", direction)
 
     @classmethod
-    def parse(cls, text: str | Objective) -> Objective:
-        """``"accuracy"``, ``"flops"``, ``"min:loss"``, ``"max:top5"``, ..."""
+    def parse(cls, text: str | Objective | Metric) -> Objective:
+        """``"accuracy"``, ``"flops"``, ``"min:loss"``, ``"max:map"``, a `Metric`, ..."""
         if isinstance(text, Objective):
             return text
+        if isinstance(text, Metric):
+            return cls(text.name, text.direction)
         if not isinstance(text, str):
             raise ConstraintError(f"an objective must be a string, got {text!r}; {_OBJECTIVE_HELP}")
         body = text.strip()
@@ -101,11 +110,15 @@ class Objective:
         return self.metric if self.direction == default else f"{self.direction}:{self.metric}"
 
 
-def parse_objectives(items: Iterable[str | Objective] | str | Objective) -> tuple[Objective, ...]:
-    """Objectives from names or `Objective` objects; a single name, or names separated by
-    commas (``"accuracy,flops"``), are accepted too. A metric may appear only once."""
-    if isinstance(items, str | Objective):
+def parse_objectives(items: Iterable[str | Objective | Metric] | str | Objective | Metric,
+                     metric: Metric | None = None) -> tuple[Objective, ...]:
+    """Objectives from names, `Objective` or `Metric` objects; a single name, or names
+    separated by commas (``"accuracy,flops"``), are accepted too. A metric may appear only
+    once. ``metric`` (a task's) gives the direction of a bare name that is its name."""
+    if isinstance(items, str | Objective | Metric):
         items = (items,)
+    if metric is not None:
+        items = [metric if isinstance(i, str) and i.strip() == metric.name else i for i in items]
     out: list[Objective] = []
     for item in items:
         if isinstance(item, str):
@@ -347,11 +360,12 @@ def knee(results: Sequence[Result], objectives: Iterable[str | Objective]) -> Re
 def best(
     results: Iterable[Result],
     constraints: Iterable[str | Constraint] = (),
-    metric: str | Objective = "accuracy",
+    metric: str | Objective | Metric = "accuracy",
 ) -> Result | None:
-    """The best ``ok`` result under ``constraints`` by ``metric`` (maximized for accuracy,
-    minimized otherwise; ``"max:..."``/``"min:..."`` set it), ties broken by lower flops, then
-    lower params (missing counts as worst), then input order. None when no result qualifies."""
+    """The best ``ok`` result under ``constraints`` by ``metric`` (a name in its known
+    direction, ``"max:..."``/``"min:..."``, an `Objective` or a task's `Metric`), ties broken by
+    lower flops, then lower params (missing counts as worst), then input order. None when no
+    result qualifies."""
     objective = Objective.parse(metric)
     pool = eligible(results, (objective,), constraints)
     if not pool:
@@ -402,11 +416,12 @@ def describe_reference(
 
 
 def _box(objectives: Sequence[Objective], reference: Sequence[float]) -> float | None:
-    """The volume between ``reference`` and the ideal point (accuracy 1, every minimized metric
-    0); None when an objective has no known ideal (a maximized metric other than accuracy)."""
+    """The volume between ``reference`` and the ideal point (accuracy or top5 1, every
+    minimized metric 0); None when an objective has no known ideal (a maximized metric that is
+    not a fraction)."""
     volume = 1.0
     for o, ref in zip(objectives, reference, strict=True):
-        if o.direction == "max" and o.metric != "accuracy":
+        if o.direction == "max" and o.metric not in _FRACTIONS:
             return None
         volume *= (1.0 - ref) if o.direction == "max" else ref
     return volume

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -23,11 +25,12 @@ from .config import Config
 from .constraints import (
     COST_METRICS,
     COUNT_METRICS,
+    FRACTIONS,
     Constraint,
     metric_value,
     parse_constraints,
 )
-from .errors import ConstraintError
+from .errors import ConstraintError, RankSearchError
 from .pareto import Objective, eligible, front, parse_objectives
 from .result import Result
 
@@ -106,14 +109,15 @@ def _si(x: float, unit: str) -> str:
 
 
 def format_value(metric: str, x: float) -> str:
-    """One metric value for people: ratios as ``0.450x``, accuracy to 4 decimals, counts with
+    """One metric value for people: ratios as ``0.450x``, accuracy and top5 to 4 decimals,
+    counts with
     a k/M/G suffix, energy and latency in J/s with an SI prefix (``2.3ms``), anything else to
     4 significant digits; ``-`` for NaN."""
     if math.isnan(x):
         return "-"
     if metric.endswith("_ratio"):
         return f"{x:.3f}x"
-    if metric == "accuracy":
+    if metric in FRACTIONS:
         return f"{x:.4f}"
     if metric in COUNT_METRICS:
         return _count(x)
@@ -212,17 +216,19 @@ def _dense_metrics(
     return out
 
 
-def _row(metrics: Mapping[str, Any], extra: Sequence[str], dense: bool = False) -> list[str]:
-    """The number cells of one table row; the dense row shows absolute FLOPs and energy."""
+def _row(metrics: Mapping[str, Any], extra: Sequence[str], dense: bool = False,
+         quality: str = "accuracy") -> list[str]:
+    """The number cells of one table row, ``quality`` (the task's metric) first; the dense
+    row shows absolute FLOPs and energy."""
     def both(key: str) -> str:
         x = metric_value(metrics, key)
         return _cell(metrics, key) if math.isnan(x) else f"{_cell(metrics, key)} (1.000x)"
 
     if dense:
-        return [_cell(metrics, "accuracy"), both("params"), _cell(metrics, "flops"),
+        return [_cell(metrics, quality), both("params"), _cell(metrics, "flops"),
                 _cell(metrics, "energy"), *(_cell(metrics, m) for m in extra)]
     return [
-        _cell(metrics, "accuracy"),
+        _cell(metrics, quality),
         f"{_cell(metrics, 'params')} ({_cell(metrics, 'params_ratio')})",
         _cell(metrics, "flops_ratio"),
         _cell(metrics, "energy_ratio"),
@@ -242,8 +248,10 @@ def front_table(
     model, then one row per front result in front order (by the first cost objective,
     ascending), then a line counting the evaluations by status and the `failure_summary`.
 
-    Columns: accuracy, params with its ratio to the dense model, the FLOPs and energy ratios,
-    any objective not among those (e.g. latency, loss), and the whole config (`wrap_config`
+    Columns: the quality metric (the first objective that is not a cost, such as accuracy or
+    mse; accuracy when every objective is a cost), params with its ratio to the dense model,
+    the FLOPs and energy ratios, any objective not among those (e.g. latency, loss), and the
+    whole config (`wrap_config`
     over continuation lines of about ``config_width`` characters). A missing metric shows as
     ``-``. The dense row shows absolute params, FLOPs and energy: those of ``dense`` (the
     dense model's metrics, accuracy included when known), else those the results imply. An
@@ -252,10 +260,13 @@ def front_table(
     objs = parse_objectives(objectives)
     cons = parse_constraints(constraints)
     points = front(results, objs, cons)
-    extra = [o.metric for o in objs if o.metric not in _TABLE_METRICS]
-    header = ["accuracy", "params", "FLOPs", "energy", *extra, "config"]
-    rows = [(_row(_dense_metrics(results, dense), extra, dense=True), ["dense (reference)"])]
-    rows += [(_row(r.metrics, extra), wrap_config(r.config, config_width)) for r in points]
+    quality = next((o.metric for o in objs if o.metric.removesuffix("_ratio")
+                    not in COST_METRICS), "accuracy")
+    extra = [o.metric for o in objs if o.metric not in _TABLE_METRICS and o.metric != quality]
+    header = [quality, "params", "FLOPs", "energy", *extra, "config"]
+    rows = [(_row(_dense_metrics(results, dense), extra, True, quality), ["dense (reference)"])]
+    rows += [(_row(r.metrics, extra, quality=quality), wrap_config(r.config, config_width))
+             for r in points]
     cells = [header[:-1], *(numbers for numbers, _ in rows)]
     widths = [max(len(row[j]) for row in cells) for j in range(len(header) - 1)]
     widths.append(max(len(text) for _, config in rows for text in config))
@@ -299,6 +310,33 @@ def written_line(paths: Iterable[str | os.PathLike]) -> str:
 
 
 # -- files --------------------------------------------------------------------------------------
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+|\.{2,}")
+STEM_LENGTH = 80
+
+
+def safe_stem(name: str) -> str:
+    """``name`` as a file stem that cannot leave its folder: runs of characters other than
+    ASCII letters, digits, ``_``, ``-`` and single dots become ``_``, leading dots are dropped
+    (no ``..``, no hidden file) and it is cut to 80 characters. A name that had to change gets
+    ``-`` and 8 hex digits of its SHA-256, so two names never share a file."""
+    stem = _UNSAFE.sub("_", name).lstrip(".")[:STEM_LENGTH]
+    if stem and stem == name:
+        return name
+    digest = hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+    return f"{stem}-{digest}" if stem else digest
+
+
+def output_file(folder: str | os.PathLike, name: str) -> Path:
+    """``folder/name``, checked to stay in ``folder``: ``name`` must be a plain file name (no
+    path separator, not ``.`` or ``..``, no NUL); see `safe_stem` to make one."""
+    seps = {"/", os.sep, os.altsep or "/", "\0"}
+    path = Path(folder) / name
+    if (name in ("", ".", "..") or any(s in name for s in seps)
+            or path.parent.resolve() != Path(folder).resolve()):
+        raise RankSearchError(f"refusing to write {name!r}: not a plain file name in {folder}")
+    return path
+
+
 def write_atomic(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder and
     ``os.replace``, creating the folder if needed; the file is never seen half-written."""
@@ -596,9 +634,10 @@ def plot_fronts(
 ) -> list[Path]:
     """Write `front_figure` for params, flops and energy in turn as
     ``<out_dir>/<prefix>_<axis>.png`` and return the paths written; an axis that no ok result
-    has a value for is skipped. ``objectives`` gives the y axis (the first that is not a cost
-    metric, accuracy by default; the search's objectives can be passed as they are);
-    ``dense`` the dense model's metrics (see `front_figure`)."""
+    has a value for is skipped. ``prefix`` must make a plain file name (`output_file`; a
+    study's name goes through `safe_stem` first). ``objectives`` gives the y axis (the first
+    that is not a cost metric, accuracy by default; the search's objectives can be passed as
+    they are); ``dense`` the dense model's metrics (see `front_figure`)."""
     objectives = parse_objectives(objectives)
     constraints = _per_run(runs, constraints)
     written: list[Path] = []
@@ -608,5 +647,6 @@ def plot_fronts(
             continue
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=dpi)
-        written.append(write_atomic(Path(out_dir) / f"{prefix}_{axis}.png", buf.getvalue()))
+        written.append(write_atomic(output_file(out_dir, f"{prefix}_{axis}.png"),
+                                    buf.getvalue()))
     return written

@@ -13,7 +13,8 @@ Status = Literal["ok", "failed", "pruned"]
 
 @dataclass(frozen=True)
 class Result:
-    """One evaluation: the config, its metrics (accuracy, loss, params, flops, energy, ...),
+    """One evaluation: the config, its metrics (the task's metric under its own name, such as
+    ``accuracy`` or ``perplexity``, then loss, params, flops, energy, ...),
     ``status`` ("ok", "failed" with ``reason``, or "pruned" by early stopping), the wall time in
     seconds, ``proxy``, a description of how it was evaluated, and ``fingerprint``, the digest
     of everything that decided the score (`ranksearch.fingerprint.Fingerprint.digest`).
@@ -22,6 +23,8 @@ class Result:
     measurement: zero-shot accuracy on the first ``partial`` validation batches, nothing
     trained) it is that number of batches. Partial results are stored and count against the
     evaluation budget, but are never candidates: fronts, ``best`` and reports leave them out.
+    ``weights`` is the file of the candidate's fine-tuned weights when the search kept them
+    (``keep_weights=True``).
     """
 
     config: Config
@@ -32,6 +35,7 @@ class Result:
     proxy: str = ""
     fingerprint: str = ""
     partial: int | None = None
+    weights: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -52,6 +56,7 @@ class Result:
             "proxy": self.proxy,
             "fingerprint": self.fingerprint,
             "partial": self.partial,
+            **({"weights": self.weights} if self.weights is not None else {}),
         }
 
     @classmethod
@@ -65,6 +70,7 @@ class Result:
             proxy=data.get("proxy", ""),
             fingerprint=data.get("fingerprint", ""),
             partial=data.get("partial"),
+            weights=data.get("weights"),
         )
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from .cache import FactorCache
 from .config import Config
 from .errors import RankSearchError
+from .site import find_layers
 from .surgery import compress
 from .task import Task
 from .training import train_baseline
@@ -64,8 +65,9 @@ def finetune(
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise RankSearchError(f"epochs must be an integer ≥ 1, got {epochs!r}")
     compress(model, config, decompose=False)  # every name and rank is checked before training
-    names = [name for name, _ in model.named_modules() if name in config]  # model order
-    convs = [n for n in names if isinstance(model.get_submodule(n), nn.Conv2d)]
+    layers = [layer for layer in find_layers(model) if layer.name in config]  # model order
+    names = [layer.name for layer in layers]
+    convs = [layer.name for layer in layers if isinstance(layer.module, nn.Conv2d)]
     rest = [n for n in names if n not in convs]
     if schedule == "one-shot":
         groups = [names]

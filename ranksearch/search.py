@@ -7,6 +7,7 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +27,7 @@ from .pareto import Objective, best, front, hypervolume, knee, parse_objectives,
 from .result import Result
 from .space import RankSpace, SpaceSpec
 from .store import Store, default_url
-from .strategy import SearchContext, Strategy, Training, load_strategy
+from .strategy import ACCURACY, SearchContext, Strategy, Training, load_strategy
 from .task import Task
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class SearchResult:
     evaluated: int = 0
     meta: dict[str, Any] = field(default_factory=dict)
     evaluator: Evaluator | None = field(default=None, repr=False)
+    #: the task's metric, which `best` picks by (accuracy when not known)
+    metric: Objective = ACCURACY
 
     def front(self, constraints: Sequence[str | Constraint] | None = None) -> list[Result]:
         """The non-dominated results that satisfy the constraints (the search's by default)."""
@@ -53,41 +56,46 @@ class SearchResult:
         return front(self.results, self.objectives, cons)
 
     def hypervolume(self) -> float:
-        """Hypervolume of the front against the dense model's costs and zero accuracy."""
+        """Hypervolume of the front against the dense model's costs (and dense loss, ...) and
+        zero for a maximized metric such as accuracy."""
         ref = reference_point(self.objectives, self.costs.metrics(Config()))
         return hypervolume(self.front(), self.objectives, ref)
 
     def best(self, *constraints: str | Constraint | Sequence[str | Constraint],
-             metric: str = "accuracy") -> Result | None:
-        """The most accurate result meeting ``constraints`` (the search's when none given),
-        given one by one (``best("flops<=0.5", "params<=2M")``) or as one list, as `search`
-        takes them (``best(["flops<=0.5"])``)."""
+                metric: str | Objective | None = None) -> Result | None:
+        """The best result by ``metric`` (default: the task's, in its direction) meeting
+        ``constraints`` (the search's when none given), given one by one
+        (``best("flops<=0.5", "params<=2M")``) or as one list, as `search` takes them
+        (``best(["flops<=0.5"])``)."""
         if len(constraints) == 1 and isinstance(constraints[0], list | tuple):
             constraints = tuple(constraints[0])
+        picked = self.metric if metric is None or metric == self.metric.metric else metric
         return best(self.results, parse_constraints(constraints) or self.constraints,
-                    metric=metric)
+                    metric=picked)
 
     def knee(self) -> Result | None:
         points = self.front()
         return knee(points, self.objectives) if points else None
 
     def model(self, result: Result | Config) -> nn.Module:
-        """The candidate that was scored for ``result`` (or a config): built from the same
-        factors and fine-tuned by the same seeded proxy, in eval mode."""
+        """The candidate that was scored for ``result`` (or a config), in eval mode: with its
+        kept weights when the search kept them (``keep_weights``), else built from the same
+        factors and fine-tuned by the same seeded proxy."""
         if self.evaluator is None:
             raise RankSearchError("this SearchResult has no evaluator; use "
                                   "ranksearch.export.scored_model(model, task, ...)")
-        config = result.config if isinstance(result, Result) else result
-        return self.evaluator.candidate(config)[0].eval()
+        if isinstance(result, Result):
+            return self.evaluator.scored(result)
+        return self.evaluator.candidate(result)[0].eval()
 
 
 def search(
     model: nn.Module,
     task: Task,
-    strategy: str | Strategy = "uniform",
+    strategy: str | Strategy = "auto",
     strategy_options: Mapping[str, Any] | None = None,
     constraints: Sequence[str | Constraint] = (),
-    objectives: Sequence[str | Objective] = ("accuracy", "flops"),
+    objectives: Sequence[str | Objective] | None = None,
     evaluations: int = 40,
     time_limit: float | None = None,
     executor: str | Executor = "local",
@@ -108,6 +116,9 @@ def search(
     share_results: bool = False,
     progress: bool = False,
     meta: Mapping[str, Any] | None = None,
+    keep_weights: bool = False,
+    isolate: bool | None = None,
+    trial_timeout: float | None = None,
 ) -> SearchResult:
     """Search rank configurations of ``model`` on ``task``.
 
@@ -118,7 +129,14 @@ def search(
     strategy is done, or on Ctrl-C (``stopped`` says which).
 
     ``executor`` is "local" (this process) or "ray" (Ray Tune; ``executor_options`` such as
-    ``address``, ``cpus_per_trial``, ``max_concurrent``, ``early_stop``).
+    ``address``, ``cpus_per_trial``, ``max_concurrent``, ``early_stop``). A candidate that
+    raises is stored as failed with the reason. ``isolate`` runs each local evaluation in a
+    child process, so that a crash or ``os._exit`` is a failed result too (None: on where it
+    is cheap, see `ranksearch.executors.local.LocalExecutor`; Ray trials run in worker
+    processes anyway). ``trial_timeout`` fails an evaluation that runs longer than that many
+    seconds (it turns isolation on). A ``time_limit`` passing during an isolated or Ray
+    evaluation stops it (it is not stored); a local one not isolated finishes first. SIGTERM
+    stops a search as Ctrl-C does (``stopped == "interrupted"``).
     ``constraints`` are strings like ``"flops<=0.5"`` (a ratio of the dense model) or
     ``"params<=2e6"`` (absolute); ``store`` is a database URL (default: SQLite in ``out``),
     or ``"memory"`` for a store held in this process only (nothing is written, ``out`` is not
@@ -133,14 +151,23 @@ def search(
     run). ``share_results`` reuses results of other studies in the store whose fingerprint is
     exactly this search's.
 
+    ``objectives`` default to the task's metric (in its direction) and flops; a bare name that
+    is the task's metric takes its direction. ``keep_weights`` writes the fine-tuned weights
+    of every candidate scored ``ok`` under ``out``/weights/<study> (`Result.weights`), which
+    `SearchResult.model` and export then use instead of fine-tuning again.
+
     Before anything is written, the task is checked against the dense model on the proxy's
-    device (`ranksearch.checks.check_task`); its accuracy and loss are in ``meta["dense"]``.
+    device (`ranksearch.checks.check_task`); its metric and loss are in ``meta["dense"]``.
     """
     if evaluations < 1:
         raise RankSearchError(f"evaluations must be at least 1, got {evaluations}")
     proxy = proxy or ProxySettings()
     cons = parse_constraints(constraints)
-    objs = parse_objectives(objectives)
+    objs = parse_objectives((task.metric, "flops") if objectives is None else objectives,
+                            metric=task.metric)  # type: ignore[arg-type]
+    if keep_weights and store == "memory":
+        raise RankSearchError("keep_weights writes files under out, and store='memory' writes "
+                              "nothing; use the default store (or another URL) to keep weights")
     if any(x.metric == "latency" for x in (*cons, *objs)) and not proxy.latency:
         proxy = replace(proxy, latency=True)
     strat = load_strategy(strategy, strategy_options)
@@ -168,12 +195,16 @@ def search(
                 "strategy_options": dict(strategy_options or {}),
                 "constraints": [str(c) for c in cons], "proxy": proxy.to_json(), "seed": seed,
                 "space": space.spec.to_json(), "dense": dense, **dict(meta or {})}
+    if keep_weights:
+        evaluator.keep = Path(out) / "weights" / name
+    runner = get_executor(executor, isolate=isolate, trial_timeout=trial_timeout,
+                          **dict(executor_options or {}))  # its errors before anything is written
     db = Store(url, name, space, objs, meta=run_meta, fingerprint=evaluator.fingerprint,
                share=share_results)
-    runner = get_executor(executor, **dict(executor_options or {}))
     ctx = SearchContext(
         space=space, costs=costs, cache=evaluator.cache, constraints=cons, objectives=objs,
         rng=np.random.default_rng(seed), evaluations=evaluations,
+        metric=Objective.parse(task.metric),  # type: ignore[arg-type]
         training=Training.of(evaluator.model, task, evaluator.cache, proxy.device),
     )
     strat.setup(ctx)
@@ -186,7 +217,7 @@ def search(
     return SearchResult(
         results=db.results(), objectives=objs, constraints=cons, space=space, costs=costs,
         store_url=url, study=name, stopped=loop.stopped or "finished", evaluated=loop.evaluated,
-        meta=run_meta, evaluator=evaluator,
+        meta=run_meta, evaluator=evaluator, metric=Objective.parse(task.metric),  # type: ignore[arg-type]
     )
 
 

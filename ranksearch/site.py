@@ -1,30 +1,39 @@
 """The decomposable layer as discovery sees it: a `Site` is one Conv2d or Linear layer of a
 traced forward pass, with the shapes and sizes the cost model and the factorizations read.
+
+`find_layers` lists the weights of a model that can be sites (`Layer`): `nn.Linear`,
+`nn.Conv2d`, Hugging Face's `Conv1D` (GPT-2's transposed linear layer) and the four
+projections of each `nn.MultiheadAttention` (``attn.q_proj``, ``attn.k_proj``,
+``attn.v_proj``, ``attn.out_proj``).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from math import prod
 from typing import Any, Literal
 
+import torch
 from torch import nn
 
 from .errors import UnknownLayerError
+from .factorize.attention import PROJECTIONS, projection
 
 Rank = int | tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class Site:
-    """One Conv2d or Linear layer of a model.
+    """One Conv2d or linear layer of a model (`nn.Linear`, `Conv1D`, an attention projection).
 
     ``in_size`` and ``out_size`` are the spatial sizes (H, W) a convolution sees in the traced
-    forward pass, or for a linear layer the leading dimensions between batch and features
-    (``()`` for an input of shape (N, I)); ``calls`` is how often the forward pass ran it
-    (sizes are those of its first call). ``methods`` lists the factorizations it admits;
-    when empty, ``reason`` says why it is not decomposable.
+    forward pass, or for a linear layer its input's leading dimensions without the batch
+    dimension (``()`` for an input of shape (N, I), ``(L,)`` for (N, L, I) or (L, N, I));
+    ``calls`` is how often the forward pass ran it (sizes are those of its first call).
+    ``methods`` lists the factorizations it admits; when empty, ``reason`` says why it is not
+    decomposable.
     """
 
     name: str
@@ -66,7 +75,8 @@ class Site:
         in_size: tuple[int, ...] = (),
         out_size: tuple[int, ...] = (),
     ) -> Site:
-        """The site of ``module`` (sizes unknown unless given; costs need traced sizes)."""
+        """The site of ``module`` (an `nn.Conv2d`, an `nn.Linear` or a Hugging Face
+        `Conv1D`; sizes unknown unless given; costs need traced sizes)."""
         bias = getattr(module, "bias", None) is not None
         if isinstance(module, nn.Conv2d):
             padding = module.padding
@@ -95,9 +105,19 @@ class Site:
                 in_size=in_size,
                 out_size=out_size,
             )
+        if is_conv1d(module):  # weight in × out
+            return cls(
+                name=name,
+                kind="linear",
+                in_features=module.weight.shape[0],
+                out_features=module.weight.shape[1],
+                bias=bias,
+                in_size=in_size,
+                out_size=out_size,
+            )
         raise UnknownLayerError(
-            f"layer {name!r} is a {type(module).__name__}; only nn.Conv2d and nn.Linear "
-            "layers can be factorized"
+            f"layer {name!r} is a {type(module).__name__}; only nn.Conv2d, nn.Linear, Hugging "
+            "Face Conv1D layers and the projections of nn.MultiheadAttention can be factorized"
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -111,3 +131,80 @@ class Site:
         if not isinstance(data["padding"], str):
             data["padding"] = tuple(data["padding"])
         return cls(**data)
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A weight of a model that can be a site, and where it lives.
+
+    ``module`` computes it: the `nn.Linear`, `nn.Conv2d` or `Conv1D` itself, or for a
+    projection (``role``, one of ``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``) the
+    `nn.MultiheadAttention` that holds it. ``owner`` is the dotted name of ``module``: what
+    surgery replaces.
+    """
+
+    name: str
+    owner: str
+    module: nn.Module
+    role: str | None = None
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight in the site's layout (out × in for linear sites)."""
+        if self.role is not None:
+            return projection(self.module, self.role)[0]  # type: ignore[arg-type]
+        weight = self.module.weight
+        return weight.mT if is_conv1d(self.module) else weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        if self.role is not None:
+            return projection(self.module, self.role)[1]  # type: ignore[arg-type]
+        return self.module.bias
+
+    @property
+    def parameters(self) -> tuple[nn.Parameter, ...]:
+        """The parameters the weight and bias are read from (packed ones included)."""
+        module = self.module
+        if self.role == "out_proj":
+            module = module.out_proj
+        elif self.role is not None:
+            keys = ("in_proj_weight", f"{self.role}_weight", "in_proj_bias")
+            return tuple(p for k in keys if (p := getattr(module, k, None)) is not None)
+        return tuple(p for k in ("weight", "bias") if (p := getattr(module, k, None)) is not None)
+
+    def site(self, in_size: tuple[int, ...] = (), out_size: tuple[int, ...] = ()) -> Site:
+        """The site of this layer (sizes unknown unless given)."""
+        if self.role is None:
+            return Site.from_module(self.name, self.module, in_size, out_size)
+        out, inp = self.weight.shape
+        return Site(self.name, "linear", inp, out, bias=self.bias is not None,
+                    in_size=in_size, out_size=out_size)
+
+
+def find_layers(model: nn.Module) -> list[Layer]:
+    """Every weight of ``model`` that can be a site, in model order (see the module doc)."""
+    layers: list[Layer] = []
+    attention: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(f"{a}.") or not a for a in attention):
+            continue  # out_proj, listed with its attention module
+        if isinstance(module, nn.MultiheadAttention):
+            attention.append(name)
+            layers += [Layer(dotted(name, p), name, module, p) for p in PROJECTIONS]
+        elif isinstance(module, nn.Conv2d | nn.Linear) or is_conv1d(module):
+            layers.append(Layer(name, name, module))
+    return layers
+
+
+def dotted(prefix: str, name: str) -> str:
+    """``prefix.name``, or ``name`` for the root module (prefix ``""``)."""
+    return f"{prefix}.{name}" if prefix else name
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is a Hugging Face ``transformers.pytorch_utils.Conv1D`` (checked
+    without importing transformers: a model holding one has imported it)."""
+    utils = sys.modules.get("transformers.pytorch_utils")
+    conv1d = getattr(utils, "Conv1D", None)
+    return conv1d is not None and isinstance(module, conv1d)

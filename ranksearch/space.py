@@ -11,12 +11,14 @@ import fnmatch
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
+from functools import partial
 from math import prod
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from . import factorize
 from .config import DENSE, Choice, Config
@@ -28,7 +30,11 @@ from .errors import (
     RankSearchError,
     UnknownLayerError,
 )
-from .site import Rank, Site
+from .inputs import Inputs, batch_size, call, tensors
+from .site import Layer, Rank, Site, find_layers
+
+#: Input and output shapes (batch included) of each call of a site, by site name.
+Shapes = dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]]
 
 DEFAULT_METHODS: dict[str, tuple[str, ...]] = {"conv2d": ("tucker2",), "linear": ("svd",)}
 
@@ -100,8 +106,7 @@ class SpaceSpec:
             raise ConfigError(f"unknown space option(s) {unknown}; valid: {sorted(known)}")
         return cls(**data)
 
-    def discover(self, model: nn.Module,
-                 example_input: torch.Tensor | tuple[torch.Tensor, ...]) -> RankSpace:
+    def discover(self, model: nn.Module, example_input: Inputs) -> RankSpace:
         """`RankSpace.discover` with these options."""
         return RankSpace.discover(model, example_input, spec=self)
 
@@ -114,12 +119,16 @@ class RankSpace:
     values spread evenly. Tuple ranks (tucker2, tt, tr) move along one line: every component
     scales with the same fraction of its maximum. Unless ``spec.dearer``, a grid leaves out
     the ranks that cost at least as much as the dense layer in both parameters and MACs.
-    ``spec`` records the options the space was discovered with.
+    ``spec`` records the options the space was discovered with. ``other_macs`` counts the
+    multiply-accumulates per sample of the traced forward pass outside the sites (attention
+    scores and other matrix products, as `FlopCounterMode` counts them): no choice changes
+    them.
     """
 
     sites: tuple[Site, ...]
     model_params: int
     spec: SpaceSpec = field(default_factory=lambda: SpaceSpec())
+    other_macs: int = 0
     _grids: dict[tuple[str, str], tuple[Rank, ...]] = field(
         default_factory=dict, repr=False, compare=False, hash=False
     )
@@ -141,7 +150,7 @@ class RankSpace:
     def discover(
         cls,
         model: nn.Module,
-        example_input: torch.Tensor | tuple[torch.Tensor, ...],
+        example_input: Inputs,
         methods: Sequence[str] | Mapping[str, Sequence[str]] | None = None,
         include: Sequence[str] | None = None,
         exclude: Sequence[str] | None = None,
@@ -153,6 +162,13 @@ class RankSpace:
         spec: SpaceSpec | None = None,
     ) -> RankSpace:
         """Trace one forward pass of ``model`` on ``example_input`` and list its sites.
+
+        ``example_input`` is what the model is called with: a tensor (``model(x)``; token ids
+        as an integer tensor), a tuple or list of positional arguments, or a dict of keyword
+        arguments (``model(**x)``, e.g. ``{"input_ids": ..., "attention_mask": ...}``); see
+        `ranksearch.inputs`. Sizes and costs are per sample: per entry of the leading
+        dimension of the input's first tensor. The sites are the `Layer`s of
+        `ranksearch.site.find_layers`.
 
         The options are those of `SpaceSpec` (pass them one by one, or as ``spec``, not both).
         Layers with fewer than ``min_params`` weights, layers whose weight is tied to another
@@ -166,22 +182,22 @@ class RankSpace:
         elif given != SpaceSpec():
             raise ConfigError("pass the space options either one by one or as spec=, not both")
         wanted = _methods_by_kind(spec.method_map())
-        shapes = _trace(model, example_input)
-        tied = _tied(model)
+        layers = find_layers(model)
+        shapes, batch, flops = _trace(model, example_input, layers)
+        tied = _tied(model, layers)
         sites = []
-        for name, module in model.named_modules():
-            if not isinstance(module, nn.Conv2d | nn.Linear):
-                continue
+        for layer in layers:
+            name = layer.name
             calls = shapes.get(name, [])
             if calls:
                 in_shape, out_shape = calls[0]
-                if isinstance(module, nn.Conv2d):
+                if isinstance(layer.module, nn.Conv2d):
                     in_size, out_size = tuple(in_shape[-2:]), tuple(out_shape[-2:])
                 else:
-                    in_size = out_size = tuple(in_shape[1:-1])
+                    in_size = out_size = _positions(in_shape, batch)
             else:
                 in_size = out_size = ()
-            site = replace(Site.from_module(name, module, in_size, out_size), calls=len(calls))
+            site = replace(layer.site(in_size, out_size), calls=len(calls))
             reason = _exclusion(site, len(calls), spec, tied.get(name))
             admitted: tuple[str, ...] = ()
             if reason is None:
@@ -195,15 +211,17 @@ class RankSpace:
                         f"{m}: {r}" for m, r in reasons.items()
                     ) or f"no factorization requested for {site.kind} layers"
             sites.append(_replace(site, methods=admitted, reason=reason))
+        site_macs = sum(s.calls * factorize.dense_stage(s).macs for s in sites)
         space = cls(
             tuple(sites),
             model_params=sum(p.numel() for p in model.parameters()),
             spec=spec,
+            other_macs=max(0, round(flops / (2 * batch)) - site_macs),
         )
         if not space.names:
             listing = "; ".join(f"{s.name}: {s.reason}" for s in sites) or "none found"
             raise NoDecomposableLayersError(
-                f"the model has no decomposable Conv2d or Linear layer ({listing}). Check "
+                f"the model has no decomposable layer ({listing}). Check "
                 "include/exclude/min_params, or pass a model with such layers."
             )
         return space
@@ -307,11 +325,14 @@ class RankSpace:
 
     # -- serialization --------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
-        return {
+        data = {
             "sites": [s.to_dict() for s in self.sites],
             "model_params": self.model_params,
             "spec": self.spec.to_json(),
         }
+        if self.other_macs:  # left out when 0, so spaces without it keep their signature
+            data["other_macs"] = self.other_macs
+        return data
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> RankSpace:
@@ -319,6 +340,7 @@ class RankSpace:
             tuple(Site.from_dict(s) for s in data["sites"]),
             model_params=data["model_params"],
             spec=SpaceSpec.from_json(data.get("spec", {})),
+            other_macs=data.get("other_macs", 0),
         )
 
 
@@ -382,23 +404,21 @@ def _exclusion(site: Site, calls: int, spec: SpaceSpec, tied_to: str | None) -> 
     return None
 
 
-def _tied(model: nn.Module) -> dict[str, str]:
-    """Conv2d/Linear layers whose weight or bias another module also holds, each with the
-    name of one other holder (e.g. a language model's head tied to its embedding). A module
-    reused under two names is not tied to itself (discovery reports it as shared)."""
+def _tied(model: nn.Module, layers: Sequence[Layer]) -> dict[str, str]:
+    """Layers whose weight or bias another module also holds, each with the name of one
+    other holder (e.g. a language model's head tied to its embedding). A module reused under
+    two names is not tied to itself (discovery reports it as shared)."""
     holders: dict[int, dict[int, str]] = {}
     for name, module in model.named_modules(remove_duplicate=False):
         for key, param in module.named_parameters(recurse=False):
             holders.setdefault(id(param), {}).setdefault(id(module), f"{name}.{key}")
     tied = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Conv2d | nn.Linear):
-            continue
-        for key in ("weight", "bias"):
-            param = getattr(module, key, None)
-            others = [n for m, n in holders.get(id(param), {}).items() if m != id(module)]
-            if param is not None and others:
-                tied[name] = others[0]
+    for layer in layers:
+        own = layer.module.out_proj if layer.role == "out_proj" else layer.module
+        for param in layer.parameters:
+            others = [n for m, n in holders.get(id(param), {}).items() if m != id(own)]
+            if others:
+                tied[layer.name] = others[0]
                 break
     return tied
 
@@ -421,36 +441,105 @@ def _dearer(site: Site, method: str, spec: SpaceSpec) -> str | None:
             "allow it)")
 
 
-def _trace(
-    model: nn.Module, example_input: torch.Tensor | tuple[torch.Tensor, ...]
-) -> dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]]:
-    """Input and output shapes (batch included) of every Conv2d/Linear call in one forward."""
-    shapes: dict[str, list[tuple[tuple[int, ...], tuple[int, ...]]]] = {}
-    handles = []
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Conv2d | nn.Linear):
-            def hook(mod, args, output, name=name):
-                shapes.setdefault(name, []).append((tuple(args[0].shape), tuple(output.shape)))
+def _trace(model: nn.Module, example_input: Inputs,
+           layers: Sequence[Layer]) -> tuple[Shapes, int, int]:
+    """The shapes of every call of each layer in one forward pass in eval mode, the batch
+    size of ``example_input`` and the FLOPs `FlopCounterMode` counts in that pass.
 
-            handles.append(module.register_forward_hook(hook))
-    inputs = example_input if isinstance(example_input, tuple) else (example_input,)
+    The fast paths of torch's transformer layers are turned off meanwhile: they compute
+    attention and feed-forward layers without calling them as modules.
+    """
+    try:
+        batch = batch_size(example_input)
+    except ValueError as e:
+        raise InputShapeError(f"{e}. {_INPUT_HINT}") from None
+    shapes: Shapes = {}
+    handles = []
+    for layer in layers:
+        if layer.role is None:
+            hook = partial(_record, shapes, layer.name)
+        elif layer.role == "q_proj":
+            hook = partial(_record_attention, shapes, layer.name.removesuffix("q_proj"))
+        else:
+            continue
+        handles.append(layer.module.register_forward_hook(hook, with_kwargs=True))
     training = model.training
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     model.eval()
     try:
-        with torch.no_grad():
-            model(*inputs)
+        torch.backends.mha.set_fastpath_enabled(False)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            call(model, example_input)
     except Exception as e:  # the model's own error names the mismatch
-        shape = [tuple(t.shape) for t in inputs if isinstance(t, torch.Tensor)]
         raise InputShapeError(
-            f"the example input of shape {shape[0] if len(shape) == 1 else shape} does not fit "
-            f"the model ({type(e).__name__}: {e}). Pass a batch shaped like the model's "
-            "training input, e.g. torch.zeros(1, 3, 32, 32) for CIFAR images."
+            f"the example input ({_describe(example_input)}) does not fit the model "
+            f"({type(e).__name__}: {e}). {_hint(model, example_input)}"
         ) from e
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         model.train(training)
         for h in handles:
             h.remove()
-    return shapes
+    return shapes, batch, counter.get_total_flops()
+
+
+_INPUT_HINT = (
+    "Pass a batch like the model's training input: a tensor (e.g. torch.zeros(1, 3, 32, 32) "
+    "for CIFAR images, or integer token ids such as torch.zeros(1, 16, dtype=torch.long)), a "
+    "tuple of positional arguments, or a dict of keyword arguments (e.g. {'input_ids': ids, "
+    "'attention_mask': mask} for a Hugging Face model)."
+)
+
+
+def _hint(model: nn.Module, example_input: Inputs) -> str:
+    """`_INPUT_HINT`, first naming token ids when a model with embeddings got floats."""
+    embeds = any(isinstance(m, nn.Embedding) for m in model.modules())
+    if embeds and any(t.is_floating_point() for t in tensors(example_input)):
+        return ("The model has an embedding layer: it takes token ids, which must be an "
+                "integer tensor (torch.long), not floats. " + _INPUT_HINT)
+    return _INPUT_HINT
+
+
+def _describe(example_input: Inputs) -> str:
+    """A short description of an input: its tensors' shapes and dtypes, and its structure."""
+    def one(x: Any) -> str:
+        if isinstance(x, torch.Tensor):
+            return f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')}"
+        return type(x).__name__
+
+    if isinstance(example_input, Mapping):
+        return "dict " + ", ".join(f"{k}: {one(v)}" for k, v in example_input.items())
+    if isinstance(example_input, tuple | list):
+        return f"{type(example_input).__name__} of " + ", ".join(one(v) for v in example_input)
+    return f"tensor {one(example_input)}" if isinstance(example_input, torch.Tensor) else one(
+        example_input)
+
+
+def _record(shapes: Shapes, name: str, module: nn.Module, args: tuple[Any, ...],
+            kwargs: dict[str, Any], output: torch.Tensor) -> None:
+    x = args[0] if args else next(iter(kwargs.values()))
+    shapes.setdefault(name, []).append((tuple(x.shape), tuple(output.shape)))
+
+
+def _record_attention(shapes: Shapes, prefix: str, module: nn.MultiheadAttention,
+                      args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+    """The shapes of the four projections of one call of an attention module."""
+    given = [*args[:3], *(kwargs[k] for k in ("query", "key", "value")[len(args[:3]):])]
+    e = module.embed_dim
+    for proj, x in zip(("q_proj", "k_proj", "v_proj"), given, strict=True):
+        shapes.setdefault(prefix + proj, []).append((tuple(x.shape), (*x.shape[:-1], e)))
+    out = tuple(output[0].shape)
+    shapes.setdefault(prefix + "out_proj", []).append((out, out))
+
+
+def _positions(shape: tuple[int, ...], batch: int) -> tuple[int, ...]:
+    """The leading dimensions of a linear layer's input, without the batch dimension: the
+    first of them equal to the example's batch size (dim 0 for (N, L, E), dim 1 for the
+    (L, N, E) of a sequence-first transformer)."""
+    lead = list(shape[:-1])
+    if batch in lead:
+        lead.remove(batch)
+    return tuple(lead)
 
 
 def _grid(top: Rank, multiple_of: int, min_rank: int, max_choices: int) -> tuple[Rank, ...]:

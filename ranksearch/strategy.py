@@ -27,11 +27,14 @@ from .constraints import Constraint
 from .cost import METRICS as PRICED
 from .cost import CostModel
 from .errors import RankSearchError, UnknownStrategyError
+from .options import boolean
 from .pareto import Objective
 from .result import Result
 from .space import RankSpace
 
 GROUP = "ranksearch.strategies"
+#: The quality objective of a search whose task does not say (a classifier's).
+ACCURACY = Objective("accuracy")
 log = logging.getLogger(__name__)
 
 
@@ -86,7 +89,7 @@ class Training:
             build=lambda config: compress(model, config, cache=cache),
             loader=lambda batch_size, seed: task.loader("train", batch_size, shuffle=True,
                                                         seed=seed),
-            loss=task.loss, size=len(task.train), device=device,
+            loss=task.loss, size=task.size("train") or 1, device=device,
         )
 
 
@@ -97,7 +100,9 @@ class SearchContext:
     ``space`` (the sites and rank grids), ``costs`` (exact params, MACs, FLOPs and energy of any
     config, nothing built), ``cache`` (data-free signals: `FactorCache.singular_values`,
     `FactorCache.weight`), the ``constraints`` and ``objectives``, a seeded ``rng``, the
-    evaluation budget ``evaluations``, and the ``history`` of results told so far. Verbs:
+    evaluation budget ``evaluations``, the task's ``metric`` (as an `Objective`; `quality` is
+    the quality objective strategies score by), and the ``history`` of results told so far.
+    Verbs:
     `feasible`, `violation`, `repair` (toward the budget), `cost_metric` (the one cost a
     strategy that tracks one should use) and `cost`. ``training`` is set for searches run by
     `ranksearch.search` (see `Training`). Scores a strategy needs go through its proposals
@@ -112,7 +117,16 @@ class SearchContext:
     rng: np.random.Generator
     evaluations: int
     training: Training | None = None
+    metric: Objective = ACCURACY
     _history: list[Result] = field(default_factory=list, repr=False)
+
+    @property
+    def quality(self) -> Objective:
+        """The objective a strategy scores quality by: the first objective that is not a cost
+        metric, else the task's ``metric``. ``quality.value(metrics)`` reads it,
+        ``-quality.cost(metrics)`` is it with higher always better."""
+        return next((o for o in self.objectives
+                     if o.metric.removesuffix("_ratio") not in PRICED), self.metric)
 
     @property
     def history(self) -> tuple[Result, ...]:
@@ -221,16 +235,23 @@ class SweepStrategy(Strategy):
     Proposes ``count`` configs (default: the evaluation budget) from the largest knob in
     [``low``, ``high``] that meets the cost constraints down to ``low`` — so it both meets a
     budget and traces a front below it — or exactly the knobs in ``points``. Most expensive
-    first; duplicates (knobs that round to the same ranks) are proposed once.
+    first; duplicates (knobs that round to the same ranks) are proposed once. Once they are
+    used up, ``refine`` (default) hands the rest of the budget to `ranksearch.refine.Refiner`
+    (new feasible configs near the front found); ``refine=False`` stops there.
     """
 
     #: the knob's range; a subclass may set either per instance in ``setup``
     low: float = 0.02
     high: float = 1.0
 
-    def __init__(self, points: Sequence[float] | None = None, count: int | None = None) -> None:
+    def __init__(self, points: Sequence[float] | None = None, count: int | None = None,
+                 refine: bool = True) -> None:
+        from .refine import Handover  # refine builds on this module
+
         self.points = None if points is None else [float(p) for p in points]
         self.count = count
+        self.handover = Handover(self.name or type(self).__name__,
+                                 boolean(refine, "refine", self.name))
 
     def make(self, knob: float) -> Config:
         raise NotImplementedError
@@ -246,10 +267,11 @@ class SweepStrategy(Strategy):
         for knob in knobs:
             queue.setdefault(self.make(float(knob)))
         self._queue = list(queue)
+        self.handover.setup(ctx)
 
     def ask(self) -> list[Config]:
         if not self._queue:
-            raise StopSearch
+            return self.handover.ask()
         return [self._queue.pop(0)]
 
 

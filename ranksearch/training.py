@@ -5,7 +5,8 @@
 (`default_cache_dir`: ``$RANKSEARCH_CACHE``, else ``$XDG_CACHE_HOME/ranksearch/checkpoints``,
 else ``~/.cache/ranksearch/checkpoints``), after looking in the read-only folders of
 `checkpoint_dirs` (the checkout's committed ``benchmarks/checkpoints``). `evaluate_accuracy`
-is the top-1 accuracy of a model on a dataset.
+is the top-1 accuracy of a model on a dataset (per token for a language model),
+`evaluate_metrics` any metrics of `ranksearch.metrics`.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,9 @@ from tqdm.auto import tqdm
 
 from .datasets import REFERENCE_MODELS, load_task
 from .errors import TaskError
-from .models import build_model
+from .inputs import call, move
+from .metrics import Meter, Metric, OutputSelector, get_metric, prediction
+from .models import MODELS, build_model
 from .task import Loss, Task
 
 __all__ = [
@@ -37,6 +40,7 @@ __all__ = [
     "checkpoint_name",
     "default_cache_dir",
     "evaluate_accuracy",
+    "evaluate_metrics",
     "pretrained",
     "train_baseline",
 ]
@@ -52,30 +56,43 @@ def _device(model: nn.Module) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-def _evaluate(model: nn.Module, loader: Iterable, loss: Loss) -> tuple[float, float]:
-    """(mean loss, accuracy) of ``model`` over the batches of ``loader``, in eval mode; the
-    model's train/eval mode is restored afterwards."""
+def _evaluate(model: nn.Module, loader: Iterable, loss: Loss, metrics: Sequence[str | Metric],
+              output: OutputSelector = None) -> dict[str, float]:
+    """``metrics`` (names of `ranksearch.metrics`, "loss" the mean of ``loss``) of ``model``
+    over the batches of ``loader``, its prediction read from its output by ``output``, in eval
+    mode; the model's train/eval mode is restored afterwards."""
     device, was_training = _device(model), model.training
+    meter = Meter([get_metric(m) for m in metrics], loss)
     model.eval()
-    total_loss, correct, count = 0.0, 0, 0
+    batches = 0
     with torch.inference_mode():
         for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            logits = model(x)
-            total_loss += float(loss(logits, y)) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            count += len(y)
+            meter.add(prediction(call(model, move(x, device)), output), move(y, device))
+            batches += 1
     model.train(was_training)
-    if count == 0:
+    if batches == 0:
         raise TaskError("cannot evaluate on an empty dataset")
-    return total_loss / count, correct / count
+    return meter.values()
+
+
+def _loader(data: Dataset | DataLoader, batch_size: int) -> DataLoader:
+    return data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size)
+
+
+def evaluate_metrics(model: nn.Module, data: Dataset | DataLoader,
+                     metrics: Sequence[str | Metric] = ("accuracy",),
+                     loss: Loss = F.cross_entropy, batch_size: int = 256,
+                     output: OutputSelector = None) -> dict[str, float]:
+    """``metrics`` (names of `ranksearch.metrics`: "accuracy", "perplexity", "loss" (the mean
+    of ``loss``), …, or `Metric` objects) of ``model`` on a dataset of ``(x, y)`` pairs or a
+    DataLoader of batches (then ``batch_size`` is unused); ``output`` as in `Task`."""
+    return _evaluate(model, _loader(data, batch_size), loss, metrics, output)
 
 
 def evaluate_accuracy(model: nn.Module, data: Dataset | DataLoader, batch_size: int = 256) -> float:
-    """Top-1 accuracy in [0, 1] of ``model`` (N×C×H×W → N×classes logits) on a dataset of
-    ``(x, y)`` pairs or a DataLoader of (B×…, B) batches (then ``batch_size`` is unused)."""
-    loader = data if isinstance(data, DataLoader) else DataLoader(data, batch_size=batch_size)
-    return _evaluate(model, loader, F.cross_entropy)[1]
+    """Top-1 accuracy in [0, 1] of ``model`` (N×classes logits, or B×T×classes per token) on
+    a dataset of ``(x, y)`` pairs or a DataLoader of batches (then ``batch_size`` is unused)."""
+    return evaluate_metrics(model, data, ("accuracy",), batch_size=batch_size)["accuracy"]
 
 
 def train_baseline(
@@ -94,8 +111,10 @@ def train_baseline(
 
     Shuffling is seeded with ``seed`` and the global RNG state is left untouched. The model ends
     in eval mode. ``progress`` shows a bar on stderr, labelled ``desc`` (default "train
-    <task>"). Returns ``val_accuracy`` and ``val_loss`` (on ``task.val``), ``train_loss`` (mean
-    of the last epoch), ``epochs``, ``steps`` and ``seconds``.
+    <task>"). Returns, on ``task.val``, ``val_loss``, ``val_<metric>`` of the task's metric
+    (``val_perplexity`` for a language model) and, for classification, ``val_accuracy`` (per
+    token for a language model); then ``train_loss`` (mean of the last epoch), ``epochs``,
+    ``steps`` and ``seconds``.
     """
     if epochs < 1 or lr <= 0:
         raise TaskError(f"epochs must be ≥ 1 and lr > 0, got epochs={epochs}, lr={lr}")
@@ -115,8 +134,8 @@ def train_baseline(
         for epoch in range(epochs):
             total, count = 0.0, 0
             for x, y in loader:
-                x, y = x.to(device), y.to(device)
-                loss = task.loss(model(x), y)
+                x, y = move(x, device), move(y, device)
+                loss = task.loss(prediction(call(model, x), task.output), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -125,11 +144,11 @@ def train_baseline(
                 bar.update()
             epoch_loss = total / count
             bar.set_postfix(epoch=epoch + 1, loss=f"{epoch_loss:.4f}")
-    val_loss, val_accuracy = _evaluate(model, task.loader("val", batch_size), task.loss)
+    val = _evaluate(model, task.loader("val", batch_size), task.loss, _baseline_metrics(task),
+                    task.output)
     model.eval()
     result = {
-        "val_accuracy": val_accuracy,
-        "val_loss": val_loss,
+        **{f"val_{name}": value for name, value in val.items()},
         "train_loss": epoch_loss,
         "epochs": epochs,
         "steps": steps,
@@ -139,11 +158,25 @@ def train_baseline(
     return result
 
 
+def _baseline_metrics(task: Task) -> list[Metric]:
+    """What `train_baseline` reports: the loss, the task's metric and, when the model's
+    output is class scores, accuracy."""
+    metric = get_metric(task.metric)
+    found = [get_metric("loss"), metric]
+    if metric.name in _CLASS_SCORE_METRICS:
+        found.insert(0, get_metric("accuracy"))
+    return list({m.name: m for m in found}.values())
+
+
+_CLASS_SCORE_METRICS = ("accuracy", "top5", "perplexity")
+
+
 # per built-in task: the training options `pretrained` uses unless told otherwise
 TRAIN_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": {"epochs": 10, "lr": 3e-3, "batch_size": 32},
     "fashion-mnist": {"epochs": 5, "lr": 2e-3, "batch_size": 128},
     "cifar10": {"epochs": 30, "lr": 2e-3, "batch_size": 128},
+    "text": {"epochs": 2, "lr": 2e-3, "batch_size": 64},
 }
 # per (task, model): overrides of TRAIN_DEFAULTS; on Fashion-MNIST these are the options of the
 # checkpoints committed under benchmarks/checkpoints, so the command line finds them
@@ -211,11 +244,12 @@ def pretrained(
     **train_options: Any,
 ) -> nn.Module:
     """The reference model ``model_name`` (default: `REFERENCE_MODELS` of the task, e.g.
-    digits → digits-cnn, fashion-mnist → resnet20; ``vgg-small`` works too) trained on the
-    task, in eval mode.
+    digits → digits-cnn, fashion-mnist → resnet20, text → gpt-tiny; ``vgg-small`` works too)
+    trained on the task, in eval mode.
 
     The task is ``task`` or ``load_task(task_name, root)``; the model gets its channels
-    (``input_shape[0]``) and classes. ``train_options`` (``epochs``, ``lr``, ``batch_size``,
+    (``input_shape[0]``) and classes, or a language model its context (``input_shape[-1]``)
+    and vocabulary (``num_classes``). ``train_options`` (``epochs``, ``lr``, ``batch_size``,
     ``seed``, ``weight_decay``; defaults from `TRAIN_DEFAULTS`, `MODEL_TRAIN_DEFAULTS` and
     `train_baseline`) go to `train_baseline`, with the model initialized from ``seed``.
     The weights are ``{model}-{task}-{hash}.pt`` (`checkpoint_name`: the hash covers the
@@ -240,9 +274,7 @@ def pretrained(
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(options["seed"])
-        model = build_model(
-            model_name, in_channels=task.input_shape[0], num_classes=task.num_classes
-        )
+        model = build_model(model_name, **_model_options(model_name, task))
     folders = [cache, *(checkpoint_dirs() if search_dirs is None else map(Path, search_dirs))]
     found = next((f / name for f in folders if (f / name).is_file()), None)
     if found is not None:
@@ -253,6 +285,16 @@ def pretrained(
     metrics = train_baseline(model, task, progress=progress, **options)
     _save_checkpoint(cache / name, model, options, metrics)
     return model.eval()
+
+
+def _model_options(model_name: str, task: Task) -> dict[str, int]:
+    """What the reference model ``model_name`` is built with for ``task``: a language model
+    (its constructor takes ``vocab_size``) the task's context and vocabulary, an image model
+    its channels and classes."""
+    factory = MODELS.get(model_name)
+    if factory is not None and "vocab_size" in inspect.signature(factory).parameters:
+        return {"context": task.input_shape[-1], "vocab_size": task.num_classes}
+    return {"in_channels": task.input_shape[0], "num_classes": task.num_classes}
 
 
 def _save_checkpoint(path: Path, model: nn.Module, options: dict[str, Any],
@@ -269,4 +311,5 @@ def _save_checkpoint(path: Path, model: nn.Module, options: dict[str, Any],
         log.warning("cannot cache the trained reference model in %s (%s); set %s to a "
                     "writable folder to keep it", path.parent, e, CACHE_ENV)
         return
-    log.info("cached %s (val accuracy %.4f)", path, metrics["val_accuracy"])
+    log.info("cached %s (%s)", path, ", ".join(
+        f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith("val_")))

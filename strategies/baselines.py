@@ -9,8 +9,9 @@ import numpy as np
 from ranksearch import factorize
 from ranksearch.config import Choice, Config
 from ranksearch.options import boolean, method_name, positive_int, values_in
+from ranksearch.refine import feasible_draw
 from ranksearch.space import RankSpace, method_for, nearest_rank
-from ranksearch.strategy import Strategy, SweepStrategy
+from ranksearch.strategy import SearchContext, StopSearch, Strategy, SweepStrategy
 
 
 class Uniform(SweepStrategy):
@@ -19,15 +20,16 @@ class Uniform(SweepStrategy):
     The convention of tensorly-torch (``rank=0.5``) and of the thesis that compared
     decompositions with it. ``points``: the fractions (default: ``count`` fractions from the
     largest that meets the budget down to 0.02); ``method``: one factorization for all sites
-    (default: each site's first).
+    (default: each site's first); ``refine``: once the fractions are used up, refine the
+    front for the rest of the budget (`SweepStrategy`), else stop.
     """
 
     name = "uniform"
     description = "the same fraction of parameters in every layer, over a grid of fractions"
 
     def __init__(self, points: Sequence[float] | None = None, count: int | None = None,
-                 method: str | None = None) -> None:
-        super().__init__(*sweep_options(self.name, points, count))
+                 method: str | None = None, refine: bool = True) -> None:
+        super().__init__(*sweep_options(self.name, points, count), refine=refine)
         self.method = method_name(method, "method", self.name)
 
     def make(self, knob: float) -> Config:
@@ -42,8 +44,8 @@ class Proportional(SweepStrategy):
     description = "rank proportional to channels (one fraction of the maximum rank everywhere)"
 
     def __init__(self, points: Sequence[float] | None = None, count: int | None = None,
-                 method: str | None = None) -> None:
-        super().__init__(*sweep_options(self.name, points, count))
+                 method: str | None = None, refine: bool = True) -> None:
+        super().__init__(*sweep_options(self.name, points, count), refine=refine)
         self.method = method_name(method, "method", self.name)
 
     def make(self, knob: float) -> Config:
@@ -51,35 +53,37 @@ class Proportional(SweepStrategy):
 
 
 class Random(Strategy):
-    """Configurations drawn uniformly over each site's choices; one that breaks a cost
-    constraint is repaired by lowering randomly chosen sites one grid step at a time."""
+    """Configurations drawn uniformly among those that meet the cost constraints (rejection
+    of uniform draws over each site's choices; see `ranksearch.refine.feasible_draw` for
+    when the feasible share is tiny), never one proposed or evaluated before; stops once
+    every feasible config is. ``dense``: whether a site may stay dense."""
 
     name = "random"
-    description = "uniform over the space, repaired to honour the constraints"
+    description = "uniform among the configs that meet the constraints"
 
     def __init__(self, batch: int = 1, dense: bool = True) -> None:
         self.batch = positive_int(batch, "batch", self.name)
         self.dense = boolean(dense, "dense", self.name)
 
+    def setup(self, ctx: SearchContext) -> None:
+        super().setup(ctx)
+        self.options = {n: ctx.space.choices(n)[: None if self.dense else -1]
+                        for n in ctx.space.names}
+        self.asked: set[str] = set()
+
     def ask(self) -> list[Config]:
-        return [self._draw() for _ in range(self.batch)]
-
-    def _draw(self) -> Config:
-        ctx = self.ctx
-        options = {n: ctx.space.choices(n)[: None if self.dense else -1] for n in ctx.space.names}
-        index = {n: int(ctx.rng.integers(len(o))) for n, o in options.items()}
-
-        def build() -> Config:
-            return Config({n: options[n][i] for n, i in index.items()})
-
-        config = build()
-        while not ctx.feasible(config):
-            lowerable = [n for n, i in index.items() if i > 0]
-            if not lowerable:
+        known = self.asked | {r.config.key for r in self.ctx.history}
+        out = []
+        for _ in range(self.batch):
+            config = feasible_draw(self.ctx, self.options, known, self.ctx.rng)
+            if config is None:
                 break
-            index[lowerable[int(ctx.rng.integers(len(lowerable)))]] -= 1
-            config = build()
-        return config
+            known.add(config.key)
+            out.append(config)
+        if not out:
+            raise StopSearch  # every feasible config is proposed
+        self.asked.update(c.key for c in out)
+        return out
 
 
 def sweep_options(who: str, points: Sequence[float] | None, count: int | None

@@ -13,9 +13,10 @@ import numpy as np
 from ranksearch import options
 from ranksearch.config import Choice, Config
 from ranksearch.errors import RankSearchError
+from ranksearch.refine import Handover
 from ranksearch.result import Result
 from ranksearch.space import method_for
-from ranksearch.strategy import Proposal, SearchContext, StopSearch, Strategy
+from ranksearch.strategy import Proposal, SearchContext, Strategy
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +79,17 @@ class Beam(Strategy):
     budget with one evaluation to spare; otherwise (or when the search refuses some of a
     step's children) it stops there, warns, and proposes the best it has: the answer if the
     budget was crossed, else its latest best member brought within the budget
-    (`SearchContext.repair`), and the path's feasible configs in what remains.
+    (`SearchContext.repair`), and the path's feasible configs in what remains. Once those are
+    proposed, ``refine`` (default) refines the front for the rest of the budget
+    (`ranksearch.refine.Handover`); ``refine=False`` stops there.
     """
 
     name = "beam"
     description = "beam search lowering one layer's rank at a time, scored on a mini-batch (BSR)"
 
     def __init__(self, width: int = 4, step: int | None = None, minibatches: int = 1,
-                 method: str | None = None, moves: int = 8) -> None:
+                 method: str | None = None, moves: int = 8, refine: bool = True) -> None:
+        self.handover = Handover(self.name, options.boolean(refine, "refine", self.name))
         self.width = options.positive_int(width, "width", self.name)
         self.step = options.positive_int(step, "step", self.name, optional=True)
         self.minibatches = options.positive_int(minibatches, "minibatches", self.name)
@@ -94,6 +98,7 @@ class Beam(Strategy):
 
     def setup(self, ctx: SearchContext) -> None:
         super().setup(ctx)
+        self.handover.setup(ctx)
         methods = {s.name: m for s in ctx.space.decomposable
                    if (m := method_for(s, self.method)) is not None}
         if not methods:
@@ -130,7 +135,7 @@ class Beam(Strategy):
 
     def ask(self) -> list[Config | Proposal]:
         if self._done:
-            raise StopSearch
+            return self.handover.ask()
         if self._pending is not None:
             return []  # the step asked last is still being scored
         if self._searching:
@@ -154,9 +159,10 @@ class Beam(Strategy):
         if step is None:
             return  # the final proposals: nothing more to decide
         self._spent += len(results)
-        scored = {r.config.key: float(r.metrics["accuracy"]) for r in results
+        quality = self.ctx.quality  # scored higher-is-better: accuracy, or −loss, −mse, ...
+        scored = {r.config.key: -quality.cost(r.metrics) for r in results
                   if r.partial == self.minibatches and r.status == "ok"
-                  and "accuracy" in r.metrics}
+                  and not np.isnan(quality.value(r.metrics))}
         if step.root is not None:
             self._root_acc = scored.get(step.root.key)
             if self._root_acc is None:

@@ -13,8 +13,9 @@ import numpy as np
 from ranksearch import options
 from ranksearch.config import Choice, Config
 from ranksearch.cost import METRICS as PRICED
+from ranksearch.refine import Handover
 from ranksearch.site import Rank
-from ranksearch.strategy import SearchContext, StopSearch, Strategy
+from ranksearch.strategy import SearchContext, Strategy
 from ranksearch.vbmf import per_matrix, site_spectra, spectral_sites
 
 log = logging.getLogger(__name__)
@@ -31,17 +32,20 @@ class SpectralPath(Strategy):
     first); those that do not admit it, and TT/TR sites, stay dense. The spectra are those of
     `ranksearch.vbmf.site_spectra` (per-group spectra pooled for grouped convolutions): svd
     from ``ctx.cache.singular_values``, the others computed from ``ctx.cache.weight`` once
-    per setup.
+    per setup. Once they are used up, ``refine`` (default) refines the front for the rest of
+    the budget (`ranksearch.refine.Handover`); ``refine=False`` stops there.
     """
 
     def __init__(self, count: int | None = None, method: str | None = None,
-                 metric: str | None = None) -> None:
+                 metric: str | None = None, refine: bool = True) -> None:
+        self.handover = Handover(self.name, options.boolean(refine, "refine", self.name))
         self.count = options.positive_int(count, "count", self.name, optional=True)
         self.method = options.method_name(method, "method", self.name, spectral=True)
         self.metric = options.choice(metric, "metric", self.name, PRICED, optional=True)
 
     def setup(self, ctx: SearchContext) -> None:
         super().setup(ctx)
+        self.handover.setup(ctx)
         cons = ctx.cost_constraints()
         self.cost_metric = self.metric or ctx.cost_metric
         self.sites = spectral_sites(ctx.space, self.method, self.name)
@@ -64,7 +68,7 @@ class SpectralPath(Strategy):
 
     def ask(self) -> list[Config]:
         if not self._queue:
-            raise StopSearch
+            return self.handover.ask()
         queue, self._queue = self._queue, []
         return queue
 
@@ -113,8 +117,8 @@ class ErrorBound(SpectralPath):
     description = "one global relative-error bound σ_{r+1}/σ_1 bisected to the budget (ALDS)"
 
     def __init__(self, thresholds: Sequence[float] | None = None, count: int | None = None,
-                 method: str | None = None) -> None:
-        super().__init__(count, method)
+                 method: str | None = None, refine: bool = True) -> None:
+        super().__init__(count, method, refine=refine)
         fixed = options.values_in(thresholds, "thresholds (relative errors)", self.name, 0.0, 1.0)
         self.fixed = None if fixed is None else sorted(fixed)
 

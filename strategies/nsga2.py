@@ -29,6 +29,7 @@ from ranksearch.config import Choice, Config
 from ranksearch.errors import OptionError, UnknownStrategyError
 from ranksearch.pareto import best, front, knee
 from ranksearch.population import MissingValues, objective_costs, site_choices
+from ranksearch.refine import Refiner
 from ranksearch.result import Result
 from ranksearch.strategy import (
     SearchContext,
@@ -55,7 +56,10 @@ class NSGA2(Strategy):
     the budget down seed half the first population), ``crossover_eta`` and ``mutation_eta``
     (SBX and polynomial mutation). Seeded as it is by the search, a re-run replays the same
     generations; with a larger budget only while the default ``pop_size`` stays the same (to
-    extend a search, give ``pop_size``).
+    extend a search, give ``pop_size``). A generation with nothing new to evaluate (all
+    stored, or all breaking a cost constraint) gets one new config from `Refiner` added, and
+    when no offspring can be produced the search goes on with `Refiner` proposals, so the
+    budget is used while feasible configs remain.
     """
 
     name = "nsga2"
@@ -100,19 +104,24 @@ class NSGA2(Strategy):
         self.generation = 0
         self.narrowings = 0
         self.pending: list[Config] | None = None
+        self.refiner = Refiner(ctx)
         seeds = [self.encode(c) for c in self._seed_configs()]
         self._start(self.lower, self.upper, seeds)
 
     def ask(self) -> list[Config]:
         if self.pending is not None:  # a generation only partly answered
-            return self.pending
+            return self.refiner.ensure_new(self.pending)
         if self.generations is not None and self.generation >= self.generations:
             raise StopSearch
         self.population = self.algorithm.ask()
         if self.population is None or len(self.population) == 0:
-            raise StopSearch  # no new offspring could be produced
+            # no new offspring could be produced: refine the front instead
+            configs = self.refiner.propose(1)
+            if not configs:
+                raise StopSearch  # every feasible config is evaluated
+            return list(configs)
         self.pending = [self.decode(x) for x in self.population.get("X")]
-        return self.pending
+        return self.refiner.ensure_new(self.pending)
 
     def tell(self, results: Sequence[Result]) -> None:
         by_key = {r.config.key: r for r in results}

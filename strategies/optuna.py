@@ -24,6 +24,7 @@ from ranksearch.config import Config
 from ranksearch.errors import OptionError
 from ranksearch.options import boolean, choice, mapping, positive_int
 from ranksearch.population import MissingValues, objective_costs, site_choices
+from ranksearch.refine import Refiner
 from ranksearch.result import Result
 from ranksearch.store import quiet_optuna
 from ranksearch.strategy import SearchContext, Strategy
@@ -52,7 +53,9 @@ class OptunaSampler(Strategy):
     seed matters), ``batch``, ``encoding`` (``"int"`` or ``"categorical"``), ``dense`` and
     ``cheaper`` (see `site_choices`). A sampled config that breaks a cost constraint is told
     back at once as infeasible (objectives at their worst, constraint violation positive) and
-    another is sampled; evaluations that fail are told as FAIL, pruned ones as PRUNED.
+    another is sampled; evaluations that fail are told as FAIL, pruned ones as PRUNED. An ask
+    with nothing new to evaluate (the sampler repeating stored configs, or finding nothing
+    feasible) gets one new config from `ranksearch.refine.Refiner` added.
 
     A larger budget replays the earlier run only while those budget-derived defaults stay the
     same: to extend a search, give ``n_startup_trials`` (``population_size``) explicitly.
@@ -85,6 +88,8 @@ class OptunaSampler(Strategy):
         )
         self.missing = MissingValues(ctx.objectives)
         self.pending: list[tuple[Trial, Config]] = []
+        self.refiner = Refiner(ctx)
+        self._told: set[str] = set()
 
     def ask(self) -> list[Config]:
         rejected = 0
@@ -97,7 +102,7 @@ class OptunaSampler(Strategy):
                 rejected += 1
                 continue
             self.pending.append((trial, config))
-        return [config for _, config in self.pending]
+        return self.refiner.ensure_new([config for _, config in self.pending])
 
     def tell(self, results: Sequence[Result]) -> None:
         by_key = {r.config.key: r for r in results}
@@ -109,7 +114,30 @@ class OptunaSampler(Strategy):
                 waiting.append((trial, config))
         self.pending = waiting
 
+    @quiet_optuna()
+    def seed(self, results: Sequence[Result]) -> None:
+        """Tell the study results it did not ask for (those of other strategies), each as a
+        trial with its config's parameters; results already told, and configs off its
+        choices, are left out."""
+        pending = {config.key for _, config in self.pending}
+        for result in results:
+            key = result.config.key
+            index = self._params(result.config)
+            if key in self._told or key in pending or index is None:
+                continue
+            self.study.enqueue_trial(index)
+            self._tell(self.study.ask(), result)
+
     # -- internals ------------------------------------------------------------------------------
+    def _params(self, config: Config) -> dict[str, int] | None:
+        """The trial parameters of ``config`` (None if a site's choice is not encoded)."""
+        params = {}
+        for name, choices in self.choices.items():
+            if config.get(name) not in choices:
+                return None
+            params[name] = choices.index(config.get(name))
+        return params
+
     def _sample(self, trial: Trial) -> Config:
         for name, choices in self.choices.items():
             if self.encoding == "int":
@@ -124,6 +152,7 @@ class OptunaSampler(Strategy):
 
     @quiet_optuna()
     def _tell(self, trial: Trial, result: Result) -> None:
+        self._told.add(result.config.key)
         for c in self.ctx.cost_constraints():
             trial.set_constraint(str(c), c.violation(result.metrics))
         infeasible = not self.ctx.feasible(result.config)

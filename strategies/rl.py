@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from ranksearch import options
 from ranksearch.config import Choice, Config
 from ranksearch.errors import RankSearchError
+from ranksearch.refine import Refiner
 from ranksearch.result import Result
 from ranksearch.space import method_for, nearest_rank
 from ranksearch.strategy import SearchContext, Strategy
@@ -91,7 +92,8 @@ class RL(Strategy):
     `tell`, from the rewards of its own episodes. So a re-run with the same seed asks the same
     configs, is told the same (stored) results in the same order and rebuilds exactly the same
     policy and baseline: a resumed search goes on learning where it stopped (bit for bit on the
-    same machine and thread count).
+    same machine and thread count). A batch of episodes with nothing new to evaluate (a
+    policy that has converged) gets one new config from `ranksearch.refine.Refiner` added.
     """
 
     name = "rl"
@@ -148,6 +150,7 @@ class RL(Strategy):
         self.rewards: list[float] = []
         self.episodes = 0
         self._pending: list[Episode] = []
+        self.refiner = Refiner(ctx)
 
     def _static_features(self) -> np.ndarray:
         """Index, kind, in/out channels, stride, kernel and dense cost of each site, in [0, 1]."""
@@ -180,7 +183,7 @@ class RL(Strategy):
         if self._pending:
             return []  # waiting for the results of the last batch
         self._pending = [self._episode() for _ in range(self.batch)]
-        return [e.config for e in self._pending]
+        return self.refiner.ensure_new([e.config for e in self._pending])
 
     def _episode(self) -> Episode:
         warm = self.episodes < self.warmup
@@ -258,8 +261,9 @@ class RL(Strategy):
 
     def reward(self, result: Result) -> float | None:
         """The reward of a result (None for a failed one)."""
-        accuracy = result.metrics.get("accuracy")
-        if result.status == "failed" or accuracy is None or not math.isfinite(accuracy):
+        # the quality objective, higher is better: accuracy, or −loss, −mse, ...
+        accuracy = -self.ctx.quality.cost(result.metrics)
+        if result.status == "failed" or not math.isfinite(accuracy):
             return None
         if self.constrained or not self.cost_weight:
             return float(accuracy)

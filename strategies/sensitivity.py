@@ -16,6 +16,7 @@ import numpy as np
 from ranksearch import factorize, options
 from ranksearch.config import Choice, Config
 from ranksearch.errors import RankSearchError
+from ranksearch.pareto import Objective
 from ranksearch.result import Result
 from ranksearch.site import Rank
 from ranksearch.space import method_for, nearest_rank
@@ -45,7 +46,8 @@ class Sensitivity(Strategy):
     `SweepStrategy`, it proposes ``count`` configs (default: the evaluations left after the
     probes) from the largest ``k`` that meets the cost constraints, fitted by bisection, down to
     0.02, or exactly the knobs in ``points``. ``method``: one factorization for all sites
-    (default: each site's first; sites without it stay dense).
+    (default: each site's first; sites without it stay dense). Once the sweep is used up,
+    ``refine`` (default) refines the front for the rest of the budget, else it stops.
     """
 
     name = "sensitivity"
@@ -59,8 +61,10 @@ class Sensitivity(Strategy):
         probe_rank: int | None = None,
         method: str | None = None,
         epsilon: float = 1e-3,
+        refine: bool = True,
     ) -> None:
         who = self.name
+        self.refine = options.boolean(refine, "refine", who)
         self.points = options.values_in(points, "points (knobs)", who, 0.0, 1.0, open_low=True)
         self.count = options.positive_int(count, "count", who, optional=True)
         self.probe_fraction = options.fraction(probe_fraction, "probe_fraction", who)
@@ -121,9 +125,9 @@ class Sensitivity(Strategy):
                 self._measured[self._probes[result.config]] = result
         if len(self._measured) < len(self._probes):
             return
-        self.losses = sensitivities(self._measured, self.epsilon)
+        self.losses = sensitivities(self._measured, self.epsilon, self.ctx.quality)
         count = self.count or self.ctx.evaluations - len(self._probes)
-        self._sweep = _Sweep(self.make, self.points, count)
+        self._sweep = _Sweep(self.make, self.points, count, self.refine)
         self._sweep.setup(self.ctx)
 
     def make(self, knob: float) -> Config:
@@ -141,18 +145,26 @@ class Sensitivity(Strategy):
         return Config(choices)
 
 
-def sensitivities(probes: Mapping[str, Result], epsilon: float) -> dict[str, float]:
-    """``max(acc_dense − acc_l, epsilon)`` per site from the probe results (``"dense"`` holds the
-    reference); a failed probe counts as accuracy 0."""
+_ACCURACY = Objective("accuracy")
+
+
+def sensitivities(probes: Mapping[str, Result], epsilon: float,
+                  quality: Objective = _ACCURACY) -> dict[str, float]:
+    """``max(q_dense − q_l, epsilon)`` per site from the probe results (``"dense"`` holds the
+    reference), ``q`` the ``quality`` objective with higher better (accuracy, or −mse, ...); a
+    failed probe counts as accuracy 0 (for a min metric: as the worst probe)."""
     dense = probes["dense"]
     if not dense.ok:
         raise RankSearchError(
             f"the dense reference of the sensitivity probes failed: {dense.reason}"
         )
-    reference = dense.metrics["accuracy"]
+    reference = -quality.cost(dense.metrics)
+    scores = {name: -quality.cost(r.metrics) for name, r in probes.items()
+              if name != "dense" and r.status != "failed"}
+    worst = 0.0 if quality.direction == "max" else min(scores.values(), default=reference)
     return {
-        name: max(reference - (0.0 if r.status == "failed" else r.metrics["accuracy"]), epsilon)
-        for name, r in probes.items()
+        name: max(reference - scores.get(name, worst), epsilon)
+        for name in probes
         if name != "dense"
     }
 
@@ -181,9 +193,11 @@ def allocate(losses: Sequence[float], sizes: Sequence[float], knob: float) -> np
 class _Sweep(SweepStrategy):
     """The `SweepStrategy` over the sensitivity knob, set up once the probes are in."""
 
+    name = "sensitivity"
+
     def __init__(self, make: Callable[[float], Config], points: Sequence[float] | None,
-                 count: int) -> None:
-        super().__init__(points, count)
+                 count: int, refine: bool) -> None:
+        super().__init__(points, count, refine)
         self._make = make
 
     def make(self, knob: float) -> Config:

@@ -30,17 +30,20 @@ class VBMF(SweepStrategy):
     vbmf·(1 + w), down to the grid minimum at w = −1 (one-shot then proposes the largest such
     w that fits). Ranks snap up to the site's grid, component by component. ``method``: one
     factorization for all sites (default: each site's first); sites it does not apply to, and
-    TT/TR sites (whose ranks are not matrix ranks), stay dense.
+    TT/TR sites (whose ranks are not matrix ranks), stay dense. ``refine``: once its configs
+    are used up, refine the front for the rest of the budget (`SweepStrategy`), else stop.
     """
 
     name = "vbmf"
     description = "empirical VBMF ranks (Kim et al.), weakened towards full rank (MUSCO)"
 
     def __init__(self, one_shot: bool = False, points: Sequence[float] | None = None,
-                 count: int | None = None, method: str | None = None) -> None:
+                 count: int | None = None, method: str | None = None,
+                 refine: bool = True) -> None:
         self.one_shot = options.boolean(one_shot, "one_shot", self.name)
         points = options.values_in(points, "points (weakening factors)", self.name, -1.0, 1.0)
-        super().__init__(points, options.positive_int(count, "count", self.name, optional=True))
+        super().__init__(points, options.positive_int(count, "count", self.name, optional=True),
+                         refine)
         self.method = options.method_name(method, "method", self.name, spectral=True)
 
     def setup(self, ctx: SearchContext) -> None:
@@ -57,6 +60,7 @@ class VBMF(SweepStrategy):
                 log.info("vbmf: the VBMF ranks break %s; scaled by %.3f to fit",
                          ", ".join(map(str, ctx.cost_constraints())), 1 + knob)
             self._queue = [self.make(knob)]
+            self.handover.setup(ctx)
             return
         self.low = 0.0 if vbmf_fits else -1.0  # below VBMF only when the budget needs it
         super().setup(ctx)

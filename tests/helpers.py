@@ -11,13 +11,18 @@ from ranksearch.strategy import StopSearch
 
 
 def proposals(strategy):
-    """Every config a strategy proposes until it stops (asking with nothing told)."""
+    """Every config a strategy proposes of its own until it stops or hands the rest of the
+    budget to refinement (asking with nothing told)."""
     out = []
+    handover = getattr(strategy, "handover", None)
     while True:
         try:
-            out += strategy.ask()
+            batch = strategy.ask()
         except StopSearch:
             return out
+        if handover is not None and handover.active:
+            return out
+        out += batch
 
 
 def rank_sweep(top, steps: int = 4) -> list:

@@ -162,7 +162,7 @@ def test_tiny_violation_stays_positive():
     ("text", "fragment"),
     [
         ("flop<=0.5", "unknown metric 'flop'"),
-        ("top5>=0.9", "unknown metric 'top5'"),
+        ("top_1>=0.9", "unknown metric 'top_1'"),
         ("flops=<0.5", "bad operator '=<'"),
         ("flops==0.5", "bad operator '=='"),
         ("flops!=0.5", "bad operator '!='"),

@@ -19,7 +19,7 @@ SMALL = {"beam": {"width": 1, "moves": 1}, "nsga2": {"pop_size": 4}}
 def test_the_context_holds_no_model_task_evaluator_or_executor():
     names = {f.name for f in dataclasses.fields(SearchContext)}
     assert names == {"space", "costs", "cache", "constraints", "objectives", "rng",
-                     "evaluations", "training", "_history"}
+                     "evaluations", "training", "metric", "_history"}
     for verb in ("evaluate", "evaluator", "probes", "model", "task"):
         assert not hasattr(SearchContext, verb), verb
 

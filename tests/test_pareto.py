@@ -81,7 +81,7 @@ def test_parse_objectives_defaults_and_prefixes():
     assert parse_objectives("accuracy, params") == (Objective("accuracy"), Objective("params"))
     assert parse_objectives(Objective("latency")) == (Objective("latency", "min"),)
     assert Objective.parse("min:accuracy").direction == "min"
-    assert [str(o) for o in objs] == ["accuracy", "flops", "loss", "max:top5", "energy_ratio"]
+    assert [str(o) for o in objs] == ["accuracy", "flops", "loss", "top5", "energy_ratio"]
     assert str(Objective("accuracy", "min")) == "min:accuracy"
     for o in (*objs, Objective("accuracy", "min")):
         assert Objective.parse(str(o)) == o
@@ -90,7 +90,7 @@ def test_parse_objectives_defaults_and_prefixes():
 @pytest.mark.parametrize(
     ("items", "fragment"),
     [
-        (("top5",), "give its direction"),
+        (("map",), "give its direction"),
         (("up:accuracy",), "bad direction"),
         (("flops<=0.5",), "cannot read objective"),
         ((), "at least one objective"),

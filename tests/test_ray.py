@@ -173,7 +173,8 @@ def test_failures_do_not_end_the_search(local_ray, digits_model, digits, tmp_pat
     assert got[configs[0]].ok and got[configs[3]].ok
     raised, killed = got[configs[1]], got[configs[2]]
     assert raised.status == killed.status == "failed"
-    assert "Boom: tripped" in raised.reason and "2 attempts" in raised.reason
+    # an exception is the candidate's own failure (as under the local executor): no retry
+    assert raised.reason.startswith("Boom: tripped") and "attempts" not in raised.reason
     assert "worker process died" in killed.reason and "2 attempts" in killed.reason
     assert raised.metrics["params"] > 0  # the costs are recorded with the failure
     assert [[r.status for r in batch] for batch in strategy.told] == [["ok", "failed"],

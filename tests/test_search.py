@@ -91,7 +91,8 @@ def stored(out) -> int:
         return 0
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-            return conn.execute("SELECT COUNT(*) FROM trials").fetchone()[0]
+            return conn.execute("SELECT COUNT(*) FROM trials WHERE state != 'RUNNING'"
+                                ).fetchone()[0]
     except sqlite3.OperationalError:  # the schema is not there yet
         return 0
 

@@ -262,32 +262,30 @@ def test_read_idx_keeps_shape_and_type(tmp_path: Path) -> None:
 
 
 def _cifar_folder(root: Path, per_batch: int = 6, n_test: int = 5) -> dict[str, dict]:
+    """CIFAR-10 binary batches: records of a label byte and 3072 pixel bytes."""
     root.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(0)
     batches = {}
-    for index, name in enumerate([*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]):
+    names = [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]
+    for index, name in enumerate(names):
         n = n_test if name == "test_batch" else per_batch
         data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
         data[:, 0] = index * per_batch + np.arange(n)  # a unique id in the red channel
-        batch = {
-            b"data": data,
-            b"labels": [int(v) for v in rng.integers(0, 10, n)],
-            b"batch_label": name.encode(),
-        }
-        (root / name).write_bytes(pickle.dumps(batch))
-        batches[name] = batch
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        (root / f"{name}.bin").write_bytes(np.column_stack([labels, data]).tobytes())
+        batches[name] = {"data": data, "labels": labels.tolist()}
     return batches
 
 
-def test_cifar10_loads_python_batches(tmp_path: Path) -> None:
-    batches = _cifar_folder(tmp_path / "cifar-10-batches-py")
+def test_cifar10_loads_binary_batches(tmp_path: Path) -> None:
+    batches = _cifar_folder(tmp_path / "cifar-10-batches-bin")
     task = load_task("cifar10", root=tmp_path)  # the parent folder works too
     assert (len(task.train), len(task.val), len(task.test)) == (27, 3, 5)
     assert task.input_shape == (3, 32, 32) and task.num_classes == 10
     mean = torch.tensor(CIFAR10_MEAN).view(3, 1, 1)
     std = torch.tensor(CIFAR10_STD).view(3, 1, 1)
-    train_raw = np.concatenate([batches[f"data_batch_{i}"][b"data"] for i in range(1, 6)])
-    train_labels = [v for i in range(1, 6) for v in batches[f"data_batch_{i}"][b"labels"]]
+    train_raw = np.concatenate([batches[f"data_batch_{i}"]["data"] for i in range(1, 6)])
+    train_labels = [v for i in range(1, 6) for v in batches[f"data_batch_{i}"]["labels"]]
     seen = []
     for split in ("train", "val"):
         x, y = task.dataset(split).tensors
@@ -298,10 +296,10 @@ def test_cifar10_loads_python_batches(tmp_path: Path) -> None:
         torch.testing.assert_close(raw, expected, atol=1e-3, rtol=0)
         assert y.tolist() == [train_labels[i] for i in ids]
     assert sorted(seen) == list(range(30))
-    test_raw = torch.from_numpy(batches["test_batch"][b"data"]).float().view(-1, 3, 32, 32)
+    test_raw = torch.from_numpy(batches["test_batch"]["data"]).float().view(-1, 3, 32, 32)
     torch.testing.assert_close(task.test.tensors[0], (test_raw / 255 - mean) / std)
-    assert task.test.tensors[1].tolist() == batches["test_batch"][b"labels"]
-    plain = load_cifar10(tmp_path / "cifar-10-batches-py", normalize=False)
+    assert task.test.tensors[1].tolist() == batches["test_batch"]["labels"]
+    plain = load_cifar10(tmp_path / "cifar-10-batches-bin", normalize=False)
     torch.testing.assert_close(plain.test.tensors[0], test_raw / 255)
 
 
@@ -311,21 +309,41 @@ def test_cifar10_needs_a_path(tmp_path: Path) -> None:
     with pytest.raises(DatasetNotFoundError, match="does not exist"):
         load_cifar10(tmp_path / "absent")
     _cifar_folder(tmp_path)
-    (tmp_path / "data_batch_3").unlink()
-    with pytest.raises(DatasetNotFoundError, match="data_batch_3 missing"):
+    (tmp_path / "data_batch_3.bin").unlink()
+    with pytest.raises(DatasetNotFoundError, match=r"data_batch_3\.bin missing"):
         load_cifar10(tmp_path)
 
 
 def test_cifar10_malformed_batches(tmp_path: Path) -> None:
     _cifar_folder(tmp_path)
-    (tmp_path / "test_batch").write_bytes(b"not a pickle")
-    with pytest.raises(TaskError, match="cannot unpickle"):
+    good = (tmp_path / "test_batch.bin").read_bytes()
+    (tmp_path / "test_batch.bin").write_bytes(good[:-10])  # truncated
+    with pytest.raises(TaskError, match="not a whole number of 3073-byte"):
         load_cifar10(tmp_path)
-    (tmp_path / "test_batch").write_bytes(
-        pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]})
-    )
-    with pytest.raises(TaskError, match="N×3072 uint8"):
+    (tmp_path / "test_batch.bin").write_bytes(b"")
+    with pytest.raises(TaskError, match="0 bytes"):
         load_cifar10(tmp_path)
+    (tmp_path / "test_batch.bin").write_bytes(bytes([12]) + good[1:])  # label 12
+    with pytest.raises(TaskError, match="label byte is 12"):
+        load_cifar10(tmp_path)
+
+
+def test_cifar10_refuses_the_pickled_python_version(tmp_path: Path) -> None:
+    """The python version's batches are pickles; none is opened, so none can run code."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    marker = tmp_path / "unpickled"
+
+    class Payload:
+        def __reduce__(self):
+            return (marker.write_text, ("ran",))
+
+    for name in [*(f"data_batch_{i}" for i in range(1, 6)), "test_batch"]:
+        (folder / name).write_bytes(pickle.dumps(Payload()))
+    for root in (folder, tmp_path):
+        with pytest.raises(DatasetNotFoundError, match=r"python version.*cifar-10-binary\.tar\.gz"):
+            load_cifar10(root)
+    assert not marker.exists()
 
 
 # --------------------------------------------------------------------------- load_task

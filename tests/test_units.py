@@ -251,8 +251,9 @@ def test_evaluator_interrupt_keeps_committed_results(tiny, tiny_task, tmp_path, 
 
     monkeypatch.setattr(Evaluator, "__call__", interrupted_third)
     url = f"sqlite:///{tmp_path / 'units.db'}"
+    # in process: an isolated evaluation lives in a child, where Ctrl-C reaches the parent too
     result = run(tiny, tiny_task, strategy=Scripted([0.9, 0.7, 0.5, 0.3]), evaluations=5,
-                 store=url)
+                 store=url, isolate=False)
     assert result.stopped == "interrupted" and result.evaluated == 2 and len(calls) == 3
     stored, _ = read_study(url, result.study)
     assert [r.config for r in stored] == calls[:2] == [r.config for r in result.results]

@@ -37,8 +37,8 @@ from ...config import Config
 from ...errors import RankSearchError
 from ...evaluate import Evaluator, ProxySettings
 from ...result import Result
-from .. import Evaluate, Loop
-from .cluster import _host_port, join_cluster, resource_shortfall, start_cluster
+from .. import Evaluate, Loop, sigterm_interrupts
+from .cluster import _host_port, check_host, join_cluster, resource_shortfall, start_cluster
 from .failures import _describe, _environment_error, _failed, _unwrap
 from .searcher import (
     StrategySearcher,
@@ -63,9 +63,11 @@ class RayExecutor:
     ``address``: a running cluster to join ("host:port" of ``ray start --head``, or "auto" for
     the one on this machine); without it a local cluster of ``num_cpus`` CPUs (default: all) is
     started, with an object store of ``object_store_memory`` bytes (it must hold the model and
-    the task's data) and its files in ``temp_dir``. The cluster it started is shut down at the
-    end of the search (a joined one is only disconnected from); a Ray session already open in
-    this process is used as it is, and left open.
+    the task's data) and its files in ``temp_dir``, listening on ``host`` (default: 127.0.0.1,
+    this machine only; this machine's network address lets other machines join it). The
+    cluster it started is shut down at the end of the search (a joined one is only
+    disconnected from); a Ray session already open in this process is used as it is, and left
+    open.
 
     Each trial takes ``cpus_per_trial`` CPUs (and as many torch threads) and ``gpus_per_trial``
     GPUs (a fraction shares a GPU; set ``ProxySettings(device="cuda")`` to use it); at most
@@ -74,6 +76,12 @@ class RayExecutor:
     (default: the first report) and at every ``reduction_factor`` times more; they are stored
     as pruned. A trial that raises or whose worker dies is retried ``max_failures`` times, then
     stored as failed with the reason.
+
+    ``trial_timeout`` (seconds) fails a trial that runs longer: the worker runs it in a forked
+    child process (`ranksearch.executors.isolated`) that it kills then, and the trial reports
+    only its final result (so ASHA cannot stop it early). A search's time limit passing stops
+    the trials still running (they are not stored; a resume runs them again) within Tune's
+    clean-up of about 10 s. SIGTERM stops a search as Ctrl-C does.
 
     ``trials`` records where and how each evaluation ran; ``startup_seconds`` the time taken
     to start or join the cluster.
@@ -92,6 +100,8 @@ class RayExecutor:
         num_cpus: int | None = None,
         object_store_memory: int = DEFAULT_OBJECT_STORE,
         temp_dir: str | None = None,
+        trial_timeout: float | None = None,
+        host: str | None = None,
     ) -> None:
         if cpus_per_trial <= 0 or gpus_per_trial < 0:
             raise RankSearchError(
@@ -122,6 +132,13 @@ class RayExecutor:
             )
         if address is not None and num_cpus is not None:
             raise RankSearchError("num_cpus sizes a local cluster; a joined cluster has its own")
+        if address is not None and host is not None:
+            raise RankSearchError("host is where a local cluster listens; a joined cluster has "
+                                  "its own")
+        if host is not None:
+            check_host(host)
+        if trial_timeout is not None and not trial_timeout > 0:
+            raise RankSearchError(f"trial_timeout must be positive seconds, got {trial_timeout}")
         if address not in (None, "auto"):
             _host_port(address)
         self.address = address
@@ -135,6 +152,8 @@ class RayExecutor:
         self.num_cpus = num_cpus
         self.object_store_memory = object_store_memory
         self.temp_dir = temp_dir or DEFAULT_TEMP_DIR
+        self.host = host
+        self.trial_timeout = trial_timeout
         self.trials: list[TrialInfo] = []
         self.startup_seconds = 0.0
         self._owned = False
@@ -150,7 +169,7 @@ class RayExecutor:
         if self.address is not None:
             join_cluster(self.address)
         else:
-            start_cluster(self.num_cpus, self.object_store_memory, self.temp_dir)
+            start_cluster(self.num_cpus, self.object_store_memory, self.temp_dir, self.host)
         self._owned = True
         self.startup_seconds = time.perf_counter() - start
         self._check_resources()
@@ -180,7 +199,8 @@ class RayExecutor:
         else:
             parts = evaluate
             _ship_by_value([getattr(evaluate, "__module__", None), type(evaluate).__module__])
-        payload = _Payload(uuid.uuid4().hex, [ray.put(parts)], max(1, int(self.cpus_per_trial)))
+        payload = _Payload(uuid.uuid4().hex, [ray.put(parts)], max(1, int(self.cpus_per_trial)),
+                           self.trial_timeout)
         self._shipped = (evaluate, payload)
         return payload
 
@@ -256,7 +276,7 @@ class RayExecutor:
                     failure_config=tune.FailureConfig(max_failures=self.max_failures),
                 ),
             )
-            with _tune_environment():
+            with sigterm_interrupts(), _tune_environment():
                 tuner.fit()
         except KeyboardInterrupt:
             loop.interrupt()  # what finished is stored; a re-run resumes

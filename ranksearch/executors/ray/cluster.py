@@ -1,12 +1,20 @@
 """The Ray cluster of a search: starting a local one or joining a running one, checking that
-it can run a trial, and reading a cluster's address (with help for token authentication)."""
+it can run a trial, and reading a cluster's address (with help for token authentication).
+
+A local cluster listens on the loopback address unless asked otherwise, so nothing off this
+machine can reach it (Ray's own default is every interface)."""
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import logging
 import socket
+from collections.abc import Iterator
+from typing import Any
 
 import ray
+from ray._private import ray_constants
 from ray.exceptions import AuthenticationError
 
 from ...errors import RankSearchError
@@ -34,12 +42,54 @@ def join_cluster(address: str) -> None:
         ) from e
 
 
-def start_cluster(num_cpus: int | None, object_store_memory: int, temp_dir: str) -> None:
-    """Start a local cluster of ``num_cpus`` CPUs (None: all), with an object store of
-    ``object_store_memory`` bytes and its files in ``temp_dir``."""
+LOOPBACK = "127.0.0.1"
+
+
+def check_host(host: str) -> str:
+    """``host`` if it is an IP address a local cluster can listen on (not 0.0.0.0 or ::)."""
     try:
-        ray.init(num_cpus=num_cpus, include_dashboard=False,
-                 object_store_memory=object_store_memory, _temp_dir=temp_dir, **_QUIET)
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        address = None
+    if address is None or address.is_unspecified:
+        raise RankSearchError(
+            f"host must be an IP address of this machine for the local Ray cluster to listen "
+            f"on ({LOOPBACK}, the default, or its network address to let other machines join), "
+            f"got {host!r}"
+        )
+    return host
+
+
+def local_init_options(num_cpus: int | None, object_store_memory: int, temp_dir: str,
+                       host: str | None = None) -> dict[str, Any]:
+    """The `ray.init` options of a local cluster listening on ``host`` (None: loopback)."""
+    return {"num_cpus": num_cpus, "include_dashboard": False,
+            "object_store_memory": object_store_memory, "_temp_dir": temp_dir,
+            "_node_ip_address": check_host(host or LOOPBACK), **_QUIET}
+
+
+@contextlib.contextmanager
+def _loopback_node(host: str) -> Iterator[None]:
+    """Ray turns a loopback node address into the machine's network address (and then listens
+    on every interface) unless it runs as a single-machine cluster; make it one while it starts
+    on a loopback ``host``."""
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = not ipaddress.ip_address(host).is_loopback and before
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
+def start_cluster(num_cpus: int | None, object_store_memory: int, temp_dir: str,
+                  host: str | None = None) -> None:
+    """Start a local cluster of ``num_cpus`` CPUs (None: all), with an object store of
+    ``object_store_memory`` bytes and its files in ``temp_dir``, listening on ``host`` (None:
+    the loopback address, reachable from this machine only)."""
+    options = local_init_options(num_cpus, object_store_memory, temp_dir, host)
+    try:
+        with _loopback_node(options["_node_ip_address"]):
+            ray.init(**options)
     except Exception as e:
         raise RankSearchError(
             f"cannot start a local Ray cluster ({type(e).__name__}: {e}); check that "

@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -66,6 +67,8 @@ class StrategySearcher(Searcher):
         self.evaluator = evaluator
         self.executor = executor
         self.error: BaseException | None = None
+        #: the time limit passed: trials still running are stopped, and not stored
+        self.overtime = False
         self._trials: dict[str, Work] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -97,6 +100,8 @@ class StrategySearcher(Searcher):
         work = self._trials.pop(trial_id, None)
         if work is None:
             return
+        if self.overtime and "result" not in (result or {}):
+            return  # stopped by the time limit: the config is not at fault, a resume runs it
         if result is None:  # removed before it ran: its result never comes
             self._finish(_failed(self.evaluator, work, "the trial was removed before it ran"),
                          None, math.nan)
@@ -108,7 +113,7 @@ class StrategySearcher(Searcher):
         """Record a trial that raised, or whose worker died, on its last attempt (or stop the
         search when workers cannot load its code)."""
         work = self._trials.pop(trial.trial_id, None)
-        if work is None:
+        if work is None or self.overtime:
             return
         error = _trial_error(trial)
         if (stop := _environment_error(error)) is not None:
@@ -125,9 +130,10 @@ class StrategySearcher(Searcher):
         if "result" in last:
             return Result.from_json(json.loads(last["result"]))
         evaluator = self.evaluator
-        if METRIC not in last:
+        name = evaluator.metric.name
+        if METRIC not in last or name not in last:
             return _failed(evaluator, work, "the trial ended without reporting")
-        metrics = {**evaluator.costs.metrics(work.config), METRIC: float(last[METRIC])}
+        metrics = {**evaluator.costs.metrics(work.config), name: float(last[name])}
         step = int(last.get(STEP, 0))
         return evaluator.result(
             work.config, metrics, "pruned",
@@ -150,7 +156,8 @@ class StrategySearcher(Searcher):
 
 
 class _Stop(Stopper):
-    """Ends the Tune run at once when the searcher hit an error of its own."""
+    """Ends the Tune run at once when the searcher hit an error of its own, or when the search's
+    time limit passes (trials still running are stopped)."""
 
     def __init__(self, searcher: StrategySearcher) -> None:
         self.searcher = searcher
@@ -159,7 +166,12 @@ class _Stop(Stopper):
         return False
 
     def stop_all(self) -> bool:
-        return self.searcher.error is not None
+        searcher = self.searcher
+        deadline = searcher.loop.termination.deadline
+        if deadline is not None and time.monotonic() >= deadline and not searcher.overtime:
+            searcher.overtime = True
+            searcher.loop.termination.stop("time limit")
+        return searcher.error is not None or searcher.overtime
 
 
 class _Hooks(tune.Callback):

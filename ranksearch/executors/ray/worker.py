@@ -20,8 +20,10 @@ from ray import cloudpickle, tune
 from ...config import Config
 from ...evaluate import Evaluator, ProxySettings
 from ...result import Result
+from ..isolated import IsolatedEvaluator
 
-METRIC = "accuracy"
+#: Tune's metric: the task's metric with higher better (negated for a min metric, as loss).
+METRIC = "score"
 #: Tune's time attribute: the fine-tuning step of a report.
 STEP = "step"
 
@@ -29,12 +31,13 @@ STEP = "step"
 @dataclass(frozen=True)
 class _Payload:
     """What a worker needs to build the evaluator: a key for its per-process cache, a
-    reference to the pickled parts (in a list, so Ray hands it over unresolved) and the torch
-    threads per trial."""
+    reference to the pickled parts (in a list, so Ray hands it over unresolved), the torch
+    threads per trial and the seconds a trial may run (None: no limit)."""
 
     key: str
     ref: list[ray.ObjectRef]
     threads: int
+    timeout: float | None = None
 
 
 #: The evaluator of the current search in this worker process, by payload key.
@@ -74,7 +77,7 @@ def _worker_settings(settings: ProxySettings) -> ProxySettings:
 
 
 def _trial(params: dict[str, Any], payload: _Payload, intermediate: bool) -> None:
-    """The Tune trainable: evaluate one config, reporting the accuracy at each intermediate
+    """The Tune trainable: evaluate one config, reporting the task's metric at each intermediate
     validation when a scheduler (ASHA) watches them and may stop the trial there, then the
     whole result."""
     evaluator = _evaluator(payload)
@@ -82,16 +85,35 @@ def _trial(params: dict[str, Any], payload: _Payload, intermediate: bool) -> Non
     steps = evaluator.settings.steps
     node = ray.get_runtime_context().get_node_id()
 
-    def report(step: int, accuracy: float) -> bool:
+    name, sign = evaluator.metric.name, 1.0 if evaluator.metric.direction == "max" else -1.0
+
+    def report(step: int, value: float) -> bool:
         if step < steps:  # the last validation comes with the result
-            tune.report({METRIC: accuracy, STEP: step, "node": node})
+            tune.report({METRIC: sign * value, name: value, STEP: step, "node": node})
         return True
 
     config, partial = Config.from_json(params["config"]), params.get("partial")
-    result = evaluator(config, report=report if intermediate and partial is None else None,
-                       partial=partial)
-    tune.report({METRIC: result.metrics.get(METRIC, math.nan), STEP: steps, "node": node,
+    if payload.timeout is not None:  # in a child process, killed when it runs past its time
+        result = _isolated(payload, evaluator)(config, partial=partial)
+    else:
+        result = evaluator(config, report=report if intermediate and partial is None else None,
+                           partial=partial)
+    tune.report({METRIC: sign * result.metrics.get(name, math.nan), STEP: steps, "node": node,
                  "result": json.dumps(result.to_json())})
+
+
+#: The isolated evaluator of this worker process, by payload key.
+_ISOLATED: dict[str, IsolatedEvaluator] = {}
+
+
+def _isolated(payload: _Payload, evaluator: Evaluator) -> IsolatedEvaluator:
+    found = _ISOLATED.get(payload.key)
+    if found is None:
+        for old in _ISOLATED.values():
+            old.close(kill=True)
+        _ISOLATED.clear()
+        found = _ISOLATED[payload.key] = IsolatedEvaluator(evaluator, payload.timeout)
+    return found
 
 
 def _evaluate(payload: _Payload, key: str) -> tuple[dict[str, Any], str]:

@@ -1,0 +1,106 @@
+"""The default strategy: a portfolio that spends the whole budget in phases."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from ranksearch import options
+from ranksearch.config import Config
+from ranksearch.errors import RankSearchError
+from ranksearch.refine import Refiner
+from ranksearch.strategy import SearchContext, StopSearch, Strategy, load_strategy
+
+from .optuna import OptunaSampler
+
+log = logging.getLogger(__name__)
+
+#: The analytic sweeps of the first phase, strongest at small budgets first.
+SWEEPS = ("pca_energy", "errorbound", "vbmf")
+
+
+class Auto(Strategy):
+    """Analytic sweeps first, then refinement of the front interleaved with TPE.
+
+    Phase one (``analytic``, a share of the budget, at least 4 evaluations): the data-free
+    sweeps in ``sweeps`` (PCA energy, the ALDS error bound, VBMF: each traces a front under
+    the cost constraints from layer spectra alone), taken in turn, duplicates once. Phase
+    two, for the rest of the budget: `ranksearch.refine.Refiner` proposals (unevaluated
+    feasible neighbours of the front, by estimated hypervolume gain, then feasible configs at
+    random), every ``tpe_every``-th ask instead a TPE proposal (`OptunaSampler`, one
+    categorical per site, told every result so far); ``tpe_every=0`` never asks TPE. It
+    never stops while the budget lasts and a feasible config is unevaluated.
+    """
+
+    name = "auto"
+    description = "analytic sweeps, then refinement of the front and TPE, for the whole budget"
+
+    def __init__(self, analytic: float = 0.25, sweeps: str | Sequence[str] = SWEEPS,
+                 tpe_every: int = 3) -> None:
+        who = self.name
+        self.analytic = options.fraction(analytic, "analytic", who)
+        self.sweeps = options.names(sweeps, "sweeps", who)
+        self.tpe_every = options.integer(tpe_every, "tpe_every", who, 0)
+
+    def setup(self, ctx: SearchContext) -> None:
+        super().setup(ctx)
+        self.refiner = Refiner(ctx)
+        share = max(4, round(self.analytic * ctx.evaluations))
+        per = max(2, -(-share // max(len(self.sweeps), 1)))
+        lists = [self._sweep(name, per) for name in self.sweeps]
+        queue: dict[Config, None] = {}
+        for i in range(max(map(len, lists), default=0)):
+            for configs in lists:
+                if i < len(configs) and len(queue) < share:
+                    queue.setdefault(configs[i])
+        self._queue = list(queue)
+        self._tpe: OptunaSampler | None = None
+        self._told = 0
+        self._asks = 0
+
+    def _sweep(self, name: str, count: int) -> list[Config]:
+        """The configs sweep ``name`` proposes with ``count`` (none if it does not apply)."""
+        try:
+            sweep = load_strategy(name, {"count": count, "refine": False})
+            sweep.setup(self.ctx)
+            out: list[Config] = []
+            while True:
+                out += [c for c in sweep.ask() if isinstance(c, Config)]
+        except StopSearch:
+            return out
+        except RankSearchError as e:
+            log.info("auto: sweep %s does not apply (%s)", name, e)
+            return []
+
+    def ask(self) -> list[Config]:
+        known = self.refiner.known()
+        while self._queue:
+            config = self._queue.pop(0)
+            if config.key not in known and self.ctx.feasible(config):
+                self.refiner.asked.add(config.key)
+                return [config]
+        self._asks += 1
+        if self.tpe_every and self._asks % self.tpe_every == 0:
+            return self._tpe_ask()
+        configs = self.refiner.propose(1)
+        if not configs:
+            raise StopSearch  # every feasible config is evaluated
+        return list(configs)
+
+    def _tpe_ask(self) -> list[Config]:
+        if self._tpe is None:
+            self._tpe = OptunaSampler(encoding="categorical")
+            self._tpe.setup(self.ctx)
+        history = self.ctx.history
+        self._tpe.seed([r for r in history[self._told:] if r.partial is None])
+        self._told = len(history)
+        configs = [c for c in self._tpe.ask() if isinstance(c, Config)]
+        self.refiner.asked.update(c.key for c in configs)
+        return configs
+
+    def tell(self, results: Sequence[object]) -> None:
+        if self._tpe is not None:
+            self._tpe.tell(results)  # type: ignore[arg-type]
+
+
+__all__ = ["SWEEPS", "Auto"]

@@ -1,0 +1,77 @@
+"""auto, the default strategy: analytic sweeps first, then refinement of the front (and TPE),
+for the whole budget, within the constraints; and the refiner it builds on."""
+
+import inspect
+
+import pytest
+from test_budget_use import LIMIT, ZERO, context, feasible_configs, mlp  # noqa: F401
+
+import ranksearch
+from ranksearch.pareto import front, hypervolume, parse_objectives, reference_point
+from ranksearch.refine import Refiner
+from ranksearch.result import Result
+
+OBJECTIVES = parse_objectives(("accuracy", "flops"))
+
+
+def test_auto_is_the_default_strategy(mlp):  # noqa: F811
+    model, task, space = mlp
+    assert inspect.signature(ranksearch.search).parameters["strategy"].default == "auto"
+    result = ranksearch.search(model, task, evaluations=6, proxy=ZERO, space=space,
+                               store="memory")
+    assert result.meta["strategy"] == "auto" and result.evaluated == 6
+
+
+def test_auto_starts_with_the_analytic_sweeps_and_stays_feasible(mlp):  # noqa: F811
+    model, task, space = mlp
+    budget = 14
+    pca = ranksearch.search(model, task, strategy="pca_energy",
+                            strategy_options={"count": 2, "refine": False},
+                            evaluations=budget, proxy=ZERO, space=space, store="memory",
+                            constraints=[LIMIT])
+    auto = ranksearch.search(model, task, strategy="auto", evaluations=budget, proxy=ZERO,
+                             space=space, store="memory", constraints=[LIMIT])
+    assert auto.results[0].config == pca.results[0].config  # the budget's PCA-energy config
+    assert auto.evaluated == budget and auto.stopped == "finished"
+    ctx = context(space)
+    assert all(ctx.feasible(r.config) for r in auto.results)
+    assert len({r.config.key for r in auto.results}) == budget  # nothing twice
+
+
+@pytest.mark.parametrize("constraints", [(), (LIMIT,)])
+def test_auto_reaches_at_least_the_hypervolume_of_random_and_the_sweep(mlp, constraints):  # noqa: F811
+    model, task, space = mlp
+    budget = 12
+    volume = {}
+    ref = reference_point(OBJECTIVES, ranksearch.CostModel(space).metrics(ranksearch.Config()),
+                          scale=1.5)
+    for name in ("auto", "pca_energy", "random"):
+        r = ranksearch.search(model, task, strategy=name, evaluations=budget, proxy=ZERO,
+                              space=space, store="memory", constraints=list(constraints))
+        volume[name] = hypervolume(r.results, OBJECTIVES, ref, constraints)
+    assert volume["auto"] >= max(volume["pca_energy"], volume["random"]) * 0.99, volume
+
+
+def test_the_refiner_proposes_feasible_unevaluated_neighbours_of_the_front(mlp):  # noqa: F811
+    model, task, space = mlp
+    ctx = context(space)
+    evaluator = ranksearch.Evaluator(model, task, ZERO, space)
+    seen = feasible_configs(space)[::3]
+    ctx.record([evaluator(c) for c in seen])
+    refiner = Refiner(ctx)
+    (proposal,) = refiner.propose(1)
+    assert ctx.feasible(proposal) and proposal not in seen
+    points = front(list(ctx.history), ctx.objectives, ctx.cost_constraints())
+    # one site one step along its choices from a front point
+    def steps(a, b):
+        return sum(abs(refiner.choices[n].index(a.get(n)) - refiner.choices[n].index(b.get(n)))
+                   for n in space.names)
+
+    assert min(steps(proposal, p.config) for p in points) == 1
+    # it never proposes a config twice, and stops only when every feasible one is known
+    rest = refiner.propose(1000)
+    known = {c.key for c in seen} | {proposal.key} | {c.key for c in rest}
+    assert known == {c.key for c in feasible_configs(space)}
+    assert len(rest) + 1 + len(seen) == len(known)
+    assert refiner.propose(1) == []
+    assert isinstance(ctx.history[0], Result)
