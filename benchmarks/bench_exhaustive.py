@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import random
 import statistics
@@ -105,7 +106,8 @@ def fashion_cnn(task: Task, cache: Path) -> nn.Module:
     """`FashionCNN` trained on ``task`` (weights cached in ``cache``)."""
     torch.manual_seed(0)
     model = FashionCNN()
-    path = cache / "fashion-cnn-{epochs}-{lr}-{batch_size}-{seed}.pt".format(**FASHION_TRAIN)
+    tag = hashlib.sha256(f"{model!r} {sorted(FASHION_TRAIN.items())}".encode()).hexdigest()
+    path = cache / f"fashion-cnn-{tag[:12]}.pt"
     if path.is_file():
         model.load_state_dict(torch.load(path, weights_only=True))
     else:
@@ -215,22 +217,23 @@ class Lookup(LocalExecutor):
     """The local executor, answering evaluations from a table of precomputed results.
 
     Configs outside the table (strategies that pick tucker2's two ranks independently leave
-    the grid's line) and partial scores are evaluated for real; the configs are in ``misses``.
+    the grid's line) and partial scores are evaluated for real; the configs outside are kept
+    in ``misses`` (the table itself is left as it is).
     """
 
     def __init__(self, table: dict[str, Result]) -> None:
         super().__init__(isolate=False)
         self.table = table
-        self.misses: set[str] = set()
+        self.misses: dict[str, Result] = {}
 
     def drive(self, loop: Loop, evaluate: Callable[..., Result]) -> None:
         def answer(config: Config, partial: int | None = None) -> Result:
             if partial is not None:
                 return evaluate(config, partial=partial)
-            if config.key not in self.table:
-                self.misses.add(config.key)
-                self.table[config.key] = evaluate(config)
-            return self.table[config.key]
+            found = self.table.get(config.key) or self.misses.get(config.key)
+            if found is None:
+                found = self.misses[config.key] = evaluate(config)
+            return found
 
         super().drive(loop, answer)
 
@@ -245,7 +248,7 @@ def run_strategy(name: str, evaluator: Evaluator, table: dict[str, Result],
                       if all(c.satisfied(r.metrics) for c in cons))
         return [table[k] for k in random.Random(seed).sample(pool, min(budget, len(pool)))]
     if name == "tpe":
-        return tpe(evaluator, table, constraints, budget, seed, lookup)
+        return tpe(evaluator, table, constraints, budget, seed)
     result = ranksearch.search(
         evaluator.model, evaluator.task, strategy=name, evaluations=budget,
         space=evaluator.space, constraints=constraints, executor=lookup, store="memory",
@@ -254,7 +257,7 @@ def run_strategy(name: str, evaluator: Evaluator, table: dict[str, Result],
 
 
 def tpe(evaluator: Evaluator, table: dict[str, Result], constraints: Sequence[str],
-        budget: int, seed: int, lookup: Lookup) -> list[Result]:
+        budget: int, seed: int) -> list[Result]:
     """Plain Optuna TPE: one categorical per site, every trial an evaluation."""
     space = evaluator.space
     cons = parse_constraints(constraints)
@@ -264,10 +267,7 @@ def tpe(evaluator: Evaluator, table: dict[str, Result], constraints: Sequence[st
     def objective(trial: optuna.Trial) -> tuple[float, float]:
         config = Config({s: choices[s][trial.suggest_categorical(s, list(choices[s]))]
                          for s in space.names})
-        if config.key not in table:
-            lookup.misses.add(config.key)
-            table[config.key] = evaluator(config)
-        r = table[config.key]
+        r = table[config.key]  # the table holds every config of the grid
         results.append(r)
         trial.set_user_attr("violation", [c.violation(r.metrics) for c in cons])
         return r.metrics["accuracy"], r.metrics["flops"]

@@ -11,7 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import ranksearch
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # small models run fastest on one thread
 torch.manual_seed(0)
 
 # Data: y = a smooth function of 32 features, as DataLoaders (any iterable of batches works).

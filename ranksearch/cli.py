@@ -219,7 +219,7 @@ def _store_options(p: argparse.ArgumentParser) -> None:
 
 def _task_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--task", default="digits",
-                   help="a built-in task (digits, fashion-mnist, cifar10) or file.py:factory")
+                   help="a built-in task (digits, fashion-mnist, cifar10, text) or file.py:factory")
     p.add_argument("--data", default=None, help="data folder of the task")
     p.add_argument("--model", default=None,
                    help="reference model for a built-in task (default: the task's own)")

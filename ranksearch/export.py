@@ -20,13 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from .config import Config
 from .constraints import Constraint
 from .evaluate import Evaluator, ProxySettings
 from .formats import check_format, ranksearch_record, target_path, write_standalone
+from .inputs import Inputs
 from .pareto import best
 from .report import write_atomic
 from .result import Result
@@ -50,7 +50,7 @@ class Exported:
         self,
         path: str | os.PathLike,
         fmt: str = "ranksearch",
-        example_input: torch.Tensor | None = None,
+        example_input: Inputs | None = None,
         **extra: Any,
     ) -> Path:
         """Write the model as ``fmt`` (one of `FORMATS`) and a JSON record beside it
@@ -58,9 +58,10 @@ class Exported:
         ``extra``). Returns the path written.
 
         ``ranksearch`` is `ranksearch.save` (load it with `ranksearch.load` on the dense
-        model); the other formats stand alone (see `write_standalone`) and need
-        ``example_input``, one batch of model input. A suffix of another format (or none) is
-        replaced by the format's own (``.pt``, ``.pt2``, ``.onnx``).
+        model; ``example_input``, of any kind, is recorded if given); the other formats stand
+        alone (see `write_standalone`) and need ``example_input``, one batch as a tensor. A
+        suffix of another format (or none) is replaced by the format's own (``.pt``, ``.pt2``,
+        ``.onnx``).
         """
         fmt = check_format(fmt)
         path = target_path(path, fmt)

@@ -12,7 +12,7 @@ import math
 import os
 import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +85,7 @@ def write_standalone(
             "verified": check, "torch": torch.__version__}
 
 
-def ranksearch_record(path: Path, example_input: torch.Tensor | None) -> dict[str, Any]:
+def ranksearch_record(path: Path, example_input: Any) -> dict[str, Any]:
     record: dict[str, Any] = {"format": "ranksearch", "file": path.name,
                               "bytes": path.stat().st_size,
                               "load": load_hint("ranksearch", path.name)}
@@ -106,8 +106,15 @@ def load_hint(fmt: str, name: str) -> dict[str, Any]:
     }[fmt]
 
 
-def input_record(x: torch.Tensor) -> dict[str, Any]:
-    """The input's shape (dim 0, the batch, is dynamic: ``"batch"``) and dtype."""
+def input_record(x: Any) -> Any:
+    """The input's shape (dim 0, the batch, is dynamic: ``"batch"``) and dtype; for a dict or
+    tuple of inputs (`ranksearch.inputs`), that of each tensor in it, in the same structure."""
+    if isinstance(x, Mapping):
+        return {str(k): input_record(v) for k, v in x.items()}
+    if isinstance(x, tuple | list):
+        return [input_record(v) for v in x]
+    if not isinstance(x, torch.Tensor):
+        return {"value": repr(x)}
     return {"shape": ["batch", *x.shape[1:]], "dtype": str(x.dtype).removeprefix("torch."),
             "batch_dim": 0}
 

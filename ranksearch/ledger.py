@@ -335,9 +335,10 @@ class Ledger:
     def _new_trial(self, conn: sqlalchemy.Connection, key: str, state: TrialState,
                    owner: Mapping[str, Any] | None) -> int:
         # the study's row lock (PostgreSQL, MySQL) numbers trials as Optuna does; SQLite holds
-        # its write lock from the insert on
-        conn.execute(select(_STUDIES.c.study_id).where(_STUDIES.c.study_id == self.study_id)
-                     .with_for_update())
+        # its write lock from the insert on (it has no row locks)
+        if conn.dialect.name != "sqlite":
+            conn.execute(select(_STUDIES.c.study_id)
+                         .where(_STUDIES.c.study_id == self.study_id).with_for_update())
         tid = conn.execute(insert(_TRIALS).values(
             study_id=self.study_id, number=None, state=state, datetime_start=_utcnow(),
             datetime_complete=None if state == TrialState.RUNNING else _utcnow(),

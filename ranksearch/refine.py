@@ -41,8 +41,9 @@ class Refiner:
     site choices, fitted to every result so far, predicts between the two.
     """
 
-    def __init__(self, ctx: SearchContext) -> None:
+    def __init__(self, ctx: SearchContext, swaps: bool = False) -> None:
         self.ctx = ctx
+        self.swaps = swaps
         self.names = ctx.space.names
         self.choices = {n: site_choices(ctx, n) for n in self.names}
         self.asked: set[str] = set()
@@ -99,15 +100,24 @@ class Refiner:
         return sorted(found, key=lambda c: -gains[c])
 
     def _moves(self, config: Config) -> Iterable[Config]:
+        steps = {name: dict(self._steps(config, name)) for name in self.names}
         for name in self.names:
-            grid = self.choices[name]
-            current = config.get(name)
-            if current not in grid:
-                continue
+            for choice in steps[name].values():
+                yield config.with_choices({name: choice})
+        if self.swaps:
+            for up, down in itertools.permutations(self.names, 2):
+                if +1 in steps[up] and -1 in steps[down]:
+                    yield config.with_choices({up: steps[up][+1], down: steps[down][-1]})
+
+    def _steps(self, config: Config, name: str) -> Iterable[tuple[int, Choice]]:
+        """(direction, choice) of site ``name`` one step down (-1) and up (+1) its choices."""
+        grid = self.choices[name]
+        current = config.get(name)
+        if current in grid:
             i = grid.index(current)
-            for j in (i - 1, i + 1):
-                if 0 <= j < len(grid):
-                    yield config.with_choices({name: grid[j]})
+            for d in (-1, 1):
+                if 0 <= i + d < len(grid):
+                    yield d, grid[i + d]
 
     def _gains(self, found: dict[Config, Result], points: list[Result],
                results: list[Result]) -> dict[Config, float]:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from torch import nn
 
+from . import options as check
 from .checks import check_task
 from .config import Choice, Config
 from .constraints import Constraint, parse_constraints
@@ -159,8 +160,10 @@ def search(
     Before anything is written, the task is checked against the dense model on the proxy's
     device (`ranksearch.checks.check_task`); its metric and loss are in ``meta["dense"]``.
     """
-    if evaluations < 1:
-        raise RankSearchError(f"evaluations must be at least 1, got {evaluations}")
+    evaluations = check.positive_int(evaluations, "evaluations", "search")
+    time_limit = check.number_in(time_limit, "time_limit", "search", 0.0, open_low=True,
+                                 optional=True)
+    seed = check.integer(seed, "seed", "search", 0)
     proxy = proxy or ProxySettings()
     cons = parse_constraints(constraints)
     objs = parse_objectives((task.metric, "flops") if objectives is None else objectives,

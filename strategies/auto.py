@@ -44,19 +44,22 @@ class Auto(Strategy):
 
     def setup(self, ctx: SearchContext) -> None:
         super().setup(ctx)
-        self.refiner = Refiner(ctx)
+        self.refiner = Refiner(ctx, swaps=bool(ctx.cost_constraints()))
         share = max(4, round(self.analytic * ctx.evaluations))
-        per = max(2, -(-share // max(len(self.sweeps), 1)))
-        lists = [self._sweep(name, per) for name in self.sweeps]
-        queue: dict[Config, None] = {}
-        for i in range(max(map(len, lists), default=0)):
-            for configs in lists:
-                if i < len(configs) and len(queue) < share:
-                    queue.setdefault(configs[i])
+        queue: dict[Config, None] = {Config(): None}
+        for name in self.sweeps:
+            for config in self._sweep(name, share):
+                if len(queue) < share and self._on_grid(config):
+                    queue.setdefault(config)
         self._queue = list(queue)
         self._tpe: OptunaSampler | None = None
         self._told = 0
         self._asks = 0
+
+    def _on_grid(self, config: Config) -> bool:
+        """Whether every choice of ``config`` is one of its site's choices in the space."""
+        space = self.ctx.space
+        return all(choice in space.choices(name) for name, choice in config.items())
 
     def _sweep(self, name: str, count: int) -> list[Config]:
         """The configs sweep ``name`` proposes with ``count`` (none if it does not apply)."""

@@ -153,3 +153,13 @@ def test_load_on_another_base_model_says_so(saved):
     other = nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 5))
     with pytest.raises(ModelFileError, match="do not fit the base model"):
         ranksearch.load(path, other)
+
+
+@pytest.mark.parametrize("option, value", [("seed", -1), ("time_limit", -5),
+                                           ("time_limit", math.nan), ("evaluations", 0)])
+def test_search_refuses_bad_numbers_before_anything_runs(option, value, digits, tmp_path):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    with pytest.raises(OptionError, match=option):
+        ranksearch.search(model, digits, store="memory", out=str(tmp_path / "out"),
+                          **{option: value})
+    assert not (tmp_path / "out").exists()

@@ -159,7 +159,7 @@ def test_moves_sets_the_path_length(tmp_path):
 ])
 def test_budget_too_small_stops_cleanly(tmp_path, constraints, evaluations, steps):
     model, task = two_path()
-    beam = Recording()
+    beam = Recording(refine=False)  # its own proposals only (no refinement after them)
     result = search(model, task, tmp_path, strategy=beam, constraints=constraints,
                     evaluations=evaluations)
     assert len(beam.steps) == len(beam.path) == steps
@@ -183,7 +183,7 @@ def test_a_short_tell_ends_the_search_with_the_best_so_far(tmp_path):
     seen = Recording()
     search(model, task, tmp_path, strategy=seen, constraints=["flops<=0.5"], evaluations=1)
     ctx = dataclasses.replace(seen.ctx, evaluations=100, _history=[])
-    beam = Beam()
+    beam = Beam(refine=False)
     beam.setup(ctx)
     first = beam.ask()
     assert len(first) == 3 and all(p.partial == 1 and p.probe for p in first)

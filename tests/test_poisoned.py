@@ -11,6 +11,7 @@ import sys
 import textwrap
 import threading
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -222,7 +223,7 @@ def test_isolation_after_torch_threads_and_its_default(digits_model, digits):
     try:
         a = torch.randn(300, 300)
         (a @ a).sum()  # the parent's OpenMP pool is up: a fork using it would deadlock
-        assert not LocalExecutor().isolated(evaluator)
+        assert LocalExecutor().isolated(evaluator)  # the child runs on one thread
         assert LocalExecutor(isolate=True).isolated(evaluator)
         child = IsolatedEvaluator(evaluator, timeout=30)
         try:
@@ -253,3 +254,17 @@ def test_ray_exit_and_hang_are_failed_results(digits_model, digits, tmp_path):
     assert got[configs[1]].reason == "the evaluation process died with exit code 3"
     assert "timed out after 8 s" in got[configs[2]].reason
     assert got[configs[0]].ok and got[configs[3]].ok
+
+
+def test_latency_on_several_threads_is_timed_in_process():
+    timed = SimpleNamespace(settings=ranksearch.ProxySettings(latency=True))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert LocalExecutor().isolated(timed) is False
+        with pytest.raises(ConfigError, match="one thread"):
+            LocalExecutor(isolate=True).isolated(timed)
+        torch.set_num_threads(1)
+        assert LocalExecutor().isolated(timed) is True
+    finally:
+        torch.set_num_threads(before)

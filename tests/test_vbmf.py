@@ -257,7 +257,7 @@ def test_end_to_end_search(digits_model, digits, tmp_path):
     assert all(r.metrics["flops_ratio"] <= 0.5 for r in result.results)
     assert result.front()
     shot = ranksearch.search(digits_model, digits, strategy="vbmf", evaluations=4,
-                             strategy_options={"one_shot": True}, proxy=ZERO_SHOT,
+                             strategy_options={"one_shot": True, "refine": False}, proxy=ZERO_SHOT,
                              out=str(tmp_path / "shot"))
     assert len(shot.results) == 1 and shot.stopped == "strategy finished" and shot.front()
 

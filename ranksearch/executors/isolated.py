@@ -60,8 +60,7 @@ class IsolatedEvaluator:
     child when it starts or restarts; a proxy that fine-tunes costs the same few ms on a much
     longer evaluation. The child runs
     torch on one thread: after the parent has used torch's OpenMP threads, a forked child that
-    uses them again deadlocks; so isolation is on by default only when torch runs on one thread
-    (`LocalExecutor`).
+    uses them again deadlocks. Isolation is `LocalExecutor`'s default wherever it can fork.
     """
 
     def __init__(self, evaluate: Evaluate, timeout: float | None = None) -> None:
@@ -77,7 +76,9 @@ class IsolatedEvaluator:
             )
         if torch.get_num_threads() > 1:
             log.warning("isolated evaluations run torch on one thread (the search's process "
-                        "uses %d); pass isolate=False to use them all", torch.get_num_threads())
+                        "uses %d); pass isolate=False (--no-isolate) to use them all, at the "
+                        "cost of a crash or a hang of one candidate ending the search",
+                        torch.get_num_threads())
         self.evaluate = evaluate
         self.timeout = timeout
         self.started = 0  # child processes started
@@ -156,8 +157,10 @@ class IsolatedEvaluator:
         return f"the evaluation process died with exit code {code}"
 
     def __del__(self) -> None:
-        with contextlib.suppress(Exception):
+        try:  # noqa: SIM105  (at interpreter exit, contextlib may be gone already)
             self.close(kill=True)
+        except Exception:
+            pass
 
 
 def _serve(conn: Connection, parent: Connection, evaluate: Evaluate, main: bool) -> None:

@@ -19,10 +19,11 @@ class LocalExecutor:
 
     ``isolate`` runs each evaluation in a forked child process (`IsolatedEvaluator`), so
     that a candidate that crashes the process, calls ``os._exit`` or hangs is stored as failed
-    with the reason and the search goes on. None (the default) turns it on where it is cheap:
-    on Linux, with a CPU proxy and torch on one thread (measured on digits zero-shot: 6–8 ms,
-    13%, more per evaluation, and 0.13 s per child started; with more threads the child would
-    be held to one, so it is off unless asked for). Without
+    with the reason and the search goes on. None (the default) turns it on wherever it can
+    fork: on Linux, with a CPU proxy, unless the proxy times latency on several threads
+(measured on digits zero-shot: 6–8 ms, 13%, more per
+    evaluation, and 0.13 s per child started). The child runs torch on one thread (a warning
+    says so when this process uses more); ``isolate=False`` keeps every thread. Without
     isolation an exception is still a failed result, but a crash or a hang ends the search.
 
     ``trial_timeout`` (seconds) fails an evaluation that runs longer; it needs isolation
@@ -45,12 +46,20 @@ class LocalExecutor:
 
     def isolated(self, evaluate: Evaluate) -> bool:
         """Whether evaluations of ``evaluate`` run in a child process under this executor."""
+        settings = getattr(evaluate, "settings", None)
+        # latency timed on this process's threads (as its fingerprint says) stays in process
+        timed = getattr(settings, "latency", False) and torch.get_num_threads() > 1
         if self.isolate is not None:
-            return self.isolate
-        if self.trial_timeout is not None:
-            return True
-        device = str(getattr(getattr(evaluate, "settings", None), "device", "cpu"))
-        return can_fork(device) and torch.get_num_threads() == 1
+            isolate = self.isolate
+        else:
+            isolate = self.trial_timeout is not None or (
+                not timed and can_fork(str(getattr(settings, "device", "cpu"))))
+        if isolate and timed:
+            raise ConfigError(
+                "isolated evaluations run torch on one thread, but this proxy times latency on "
+                f"this process's {torch.get_num_threads()}; pass isolate=False (--no-isolate) "
+                "without trial_timeout, or torch.set_num_threads(1) to time on one thread")
+        return isolate
 
     def drive(self, loop: Loop, evaluate: Evaluate) -> None:
         child = IsolatedEvaluator(evaluate, self.trial_timeout) if self.isolated(evaluate) \

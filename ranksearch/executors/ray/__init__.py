@@ -75,7 +75,9 @@ class RayExecutor:
     stops candidates whose proxy accuracy falls behind at ``grace_steps`` fine-tuning steps
     (default: the first report) and at every ``reduction_factor`` times more; they are stored
     as pruned. A trial that raises or whose worker dies is retried ``max_failures`` times, then
-    stored as failed with the reason.
+    stored as failed with the reason. A trial of one CPU that ASHA does not watch runs in a
+    forked child of its worker (`ranksearch.executors.isolated`), so that a candidate that
+    kills its process fails with the reason a local search gives.
 
     ``trial_timeout`` (seconds) fails a trial that runs longer: the worker runs it in a forked
     child process (`ranksearch.executors.isolated`) that it kills then, and the trial reports

@@ -93,13 +93,20 @@ def _trial(params: dict[str, Any], payload: _Payload, intermediate: bool) -> Non
         return True
 
     config, partial = Config.from_json(params["config"]), params.get("partial")
-    if payload.timeout is not None:  # in a child process, killed when it runs past its time
+    if _isolates(payload, intermediate):  # in a child process that may die or be killed
         result = _isolated(payload, evaluator)(config, partial=partial)
     else:
         result = evaluator(config, report=report if intermediate and partial is None else None,
                            partial=partial)
     tune.report({METRIC: sign * result.metrics.get(name, math.nan), STEP: steps, "node": node,
                  "result": json.dumps(result.to_json())})
+
+
+def _isolates(payload: _Payload, intermediate: bool) -> bool:
+    """Whether a trial runs in a forked child: always under a timeout; otherwise when it
+    reports only its final result and runs on one thread (the child's), so that a candidate
+    that kills its process fails with the same reason as in a local search."""
+    return payload.timeout is not None or (not intermediate and payload.threads == 1)
 
 
 #: The isolated evaluator of this worker process, by payload key.
