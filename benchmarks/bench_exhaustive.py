@@ -6,8 +6,8 @@ zero-shot proxy; those fronts are the limit:
 - ``digits``: the trained digits CNN, ``--choices`` ranks per site (dense included), 243
   configurations;
 - ``fashion``: a 7-layer Fashion-MNIST CNN (``FashionCNN``) trained briefly once (cached
-  under ``--out``), its 6 largest layers searched with 4 choices each (4,096 configurations),
-  scored on a ``--val-size`` validation subset.
+  under ``--out``), its 6 layers after the stem searched with 4 choices each (4,096
+  configurations), scored on a ``--val-size`` validation subset.
 
 The exhaustive table is computed once per model and cached as JSON under ``--out`` (keyed by
 the evaluator's fingerprint: weights, data, proxy and space), so re-runs are instant. It is

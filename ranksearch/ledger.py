@@ -76,10 +76,11 @@ class Leases:
 @dataclass(frozen=True)
 class Claim:
     """What `Store.claim` found: ``"ours"`` (evaluate it), ``"busy"`` (another writer is
-    evaluating it), ``"stored"`` (a result is stored; `Store.get` has it) or ``"abandoned"``
-    (its evaluations died ``Leases.attempts`` times; ``reason`` says so: record it failed)."""
+    evaluating it), ``"stored"`` (a result is stored; `Store.get` has it), ``"abandoned"``
+    (its evaluations died ``Leases.attempts`` times; ``reason`` says so: record it failed) or
+    ``"full"`` (the study's stored results and live claims already fill the budget)."""
 
-    status: Literal["ours", "busy", "stored", "abandoned"]
+    status: Literal["ours", "busy", "stored", "abandoned", "full"]
     reason: str | None = None
 
 
@@ -102,6 +103,10 @@ class Finished(NamedTuple):
     params: Mapping[str, tuple[str, CategoricalDistribution]]
     intermediate: Mapping[int, float]
     result: dict[str, Any]
+
+
+class _Full(Exception):
+    """The budget is full: the claim's transaction is rolled back."""
 
 
 class _Raced(Exception):
@@ -250,22 +255,30 @@ class Ledger:
                 conn.execute(insert(KEYS), rows)
 
     # -- claiming -------------------------------------------------------------------------------
-    def claim(self, key: str, replace_failed: bool) -> tuple[Claim, int | None, Row | None]:
+    def claim(self, key: str, replace_failed: bool, budget: int | None = None
+              ) -> tuple[Claim, int | None, Row | None]:
         """Claim ``key``: the answer, the trial now ours (for ``"ours"``) and the trial found
-        (its result for ``"stored"``, the dead claim for ``"abandoned"``)."""
+        (its result for ``"stored"``, the dead claim for ``"abandoned"``). With ``budget``, a
+        config new to the study is claimed only while the study's stored results and claims
+        not given up number fewer: counted under the same write lock as the claim, so that
+        writers claiming together never overshoot it."""
         for _ in range(20):
             try:
                 with self._begin() as conn:
-                    return self._claim(conn, key, replace_failed)
+                    return self._claim(conn, key, replace_failed, budget)
+            except _Full:
+                return Claim("full"), None, None
             except (sqlalchemy.exc.IntegrityError, _Raced):
                 continue
         raise RuntimeError(f"could not claim {key}: other writers kept changing it")
 
-    def _claim(self, conn: sqlalchemy.Connection, key: str, replace_failed: bool
-               ) -> tuple[Claim, int | None, Row | None]:
+    def _claim(self, conn: sqlalchemy.Connection, key: str, replace_failed: bool,
+               budget: int | None) -> tuple[Claim, int | None, Row | None]:
         held = self._holder(conn, key)
         if held is None:
             tid = self._new_trial(conn, key, TrialState.RUNNING, self._owner(1))
+            if budget is not None and self._counted(conn) >= budget:
+                raise _Full
             conn.execute(insert(KEYS).values(study_id=self.study_id, key_hash=key_hash(key),
                                              trial_id=tid))
             return Claim("ours"), tid, None
@@ -301,6 +314,19 @@ class Ledger:
         tid = self._new_trial(conn, key, TrialState.RUNNING, self._owner(1))
         self._point(conn, key, held, tid)
         return Claim("ours"), tid, found
+
+    def _counted(self, conn: sqlalchemy.Connection) -> int:
+        """The study's keys that count toward a budget: stored, or claimed and not given up.
+        Called after `_new_trial` took the write lock (SQLite) or the study's row lock."""
+        c = _SYSTEM.alias("c")
+        released = and_(_TRIALS.c.state == TrialState.RUNNING,
+                        c.c.value_json.like('%"released": true%'))
+        return int(conn.execute(
+            select(func.count()).select_from(
+                KEYS.join(_TRIALS, _TRIALS.c.trial_id == KEYS.c.trial_id)
+                .outerjoin(c, and_(c.c.trial_id == KEYS.c.trial_id, c.c.key == CLAIM)))
+            .where(KEYS.c.study_id == self.study_id, ~func.coalesce(released, False))
+        ).scalar())
 
     def _owner(self, attempt: int) -> dict[str, Any]:
         return {"host": HOST, "pid": os.getpid(), "token": self.token, "attempt": attempt}

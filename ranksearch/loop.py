@@ -225,7 +225,9 @@ class SearchLoop:
                     queued += 1
                 elif key not in self._elsewhere:
                     ask.waiting.discard(key)
-                    ask.results[key] = self.store.get(config, proposal.partial)  # type: ignore[assignment]
+                    found = self.store.get(config, proposal.partial)
+                    if found is not None:  # else the budget filled up ("full")
+                        ask.results[key] = found
         self._asks.append(ask)
         self._tell_ready()
         return queued
@@ -234,7 +236,13 @@ class SearchLoop:
         """Claim ``work`` in the store: queued when ours (True); when another writer is
         evaluating it, awaited; when stored meanwhile, or recorded failed because its
         evaluations kept dying, its result is in the store."""
-        claim = self.store.claim(work.config, work.partial, retry)
+        # the budget is checked in the store too, against every writer's claims at once;
+        # stored failures a retry may evaluate again are not in it, so not then
+        budget = None if self._failures else self.termination.evaluations
+        claim = self.store.claim(work.config, work.partial, retry, budget)
+        if claim.status == "full":
+            self.termination.stop("finished")
+            return False
         if claim.status == "ours":
             self._elsewhere.pop(work.key, None)
             self._queue.append(work)

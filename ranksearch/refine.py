@@ -33,8 +33,9 @@ class Refiner:
     """Unevaluated configs that meet the cost constraints: first neighbours of the front of
     the results told so far (one site one step up or down its choices, `site_choices`: its
     rank grid, then dense), the one with the largest estimated hypervolume gain first; once
-    none is left, feasible configs drawn uniformly at random; `propose` returns nothing only
-    when every feasible config has been proposed or evaluated.
+    none is left, feasible configs drawn uniformly at random; with ``swaps``, also one site one
+    step up and another one step down (moves along a cost constraint's boundary); `propose`
+    returns nothing only when every feasible config has been proposed or evaluated.
 
     The gain estimate predicts each objective that is not a cost (accuracy, loss, ...) of a
     neighbour as its front point's value plus the difference a ridge regression on one-hot

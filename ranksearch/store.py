@@ -490,11 +490,13 @@ class Store:
                 self._results[row.key] = Result.from_json(row.result)
         return latest
 
-    def claim(self, config: Config, partial: int | None = None, retry: bool = False) -> Claim:
+    def claim(self, config: Config, partial: int | None = None, retry: bool = False,
+              budget: int | None = None) -> Claim:
         """Claim ``config`` (its partial score on ``partial`` batches) for this process to
         evaluate, unless it is stored (a stored failure is claimed again with ``retry``), or
-        another writer is evaluating it. A claim is held until `save` stores its result or
-        `release` gives it up."""
+        another writer is evaluating it, or (``budget``) the study's stored results and live
+        claims already number ``budget`` ("full"). A claim is held until `save` stores its
+        result or `release` gives it up."""
         key = result_key(config, partial)
         if key in self._mine:
             return Claim("ours")
@@ -505,7 +507,7 @@ class Store:
             self._mine[key] = 0
             return Claim("ours")
         with self._guard("claiming a config"):
-            answer, tid, found = self._db.claim(key, retry)
+            answer, tid, found = self._db.claim(key, retry, budget)
         if answer.status == "ours":
             assert tid is not None
             with self._lock:

@@ -20,16 +20,20 @@ SWEEPS = ("pca_energy", "errorbound", "vbmf")
 
 
 class Auto(Strategy):
-    """Analytic sweeps first, then refinement of the front interleaved with TPE.
+    """The dense model and the analytic sweeps first, then refinement of the front
+    interleaved with TPE.
 
-    Phase one (``analytic``, a share of the budget, at least 4 evaluations): the data-free
-    sweeps in ``sweeps`` (PCA energy, the ALDS error bound, VBMF: each traces a front under
-    the cost constraints from layer spectra alone), taken in turn, duplicates once. Phase
-    two, for the rest of the budget: `ranksearch.refine.Refiner` proposals (unevaluated
-    feasible neighbours of the front, by estimated hypervolume gain, then feasible configs at
-    random), every ``tpe_every``-th ask instead a TPE proposal (`OptunaSampler`, one
-    categorical per site, told every result so far); ``tpe_every=0`` never asks TPE. It
-    never stops while the budget lasts and a feasible config is unevaluated.
+    Phase one (``analytic``, a share of the budget, at least 4 evaluations): the dense model
+    where it meets the constraints, then the first config of each data-free sweep in
+    ``sweeps`` (PCA energy, the ALDS error bound, VBMF: each traces a front under the cost
+    constraints from layer spectra alone), then the rest of the sweeps, the one whose first
+    config scored best first, duplicates once. Phase two, for the rest of the budget:
+    `ranksearch.refine.Refiner` proposals (unevaluated feasible neighbours of the front, by
+    estimated hypervolume gain, with one-up-one-down swaps under cost constraints, then
+    feasible configs at random), every ``tpe_every``-th ask instead a TPE proposal
+    (`OptunaSampler`, one categorical per site, told every result so far); ``tpe_every=0``
+    never asks TPE. It never stops while the budget lasts and a feasible config is
+    unevaluated.
     """
 
     name = "auto"
@@ -45,21 +49,22 @@ class Auto(Strategy):
     def setup(self, ctx: SearchContext) -> None:
         super().setup(ctx)
         self.refiner = Refiner(ctx, swaps=bool(ctx.cost_constraints()))
-        share = max(4, round(self.analytic * ctx.evaluations))
-        queue: dict[Config, None] = {Config(): None}
-        for name in self.sweeps:
-            for config in self._sweep(name, share):
-                if len(queue) < share and self._on_grid(config):
-                    queue.setdefault(config)
-        self._queue = list(queue)
+        self._share = max(4, round(self.analytic * ctx.evaluations))
+        self._lists = [c for c in (self._sweep(n, self._share) for n in self.sweeps) if c]
+        self._queue = [Config(), *(configs[0] for configs in self._lists)]
+        self._ranked = False
         self._tpe: OptunaSampler | None = None
         self._told = 0
         self._asks = 0
 
-    def _on_grid(self, config: Config) -> bool:
-        """Whether every choice of ``config`` is one of its site's choices in the space."""
-        space = self.ctx.space
-        return all(choice in space.choices(name) for name, choice in config.items())
+    def _rank_sweeps(self) -> None:
+        """Queue the rest of the sweeps, the one whose first config scored best first."""
+        score = {r.config.key: self.ctx.objectives[0].cost(r.metrics)
+                 for r in self.ctx.history if r.ok and r.partial is None}
+        lists = sorted(self._lists, key=lambda c: score.get(c[0].key, float("inf")))
+        queue = dict.fromkeys(c for configs in lists for c in configs)
+        self._queue = list(queue)[: self._share]
+        self._ranked = True
 
     def _sweep(self, name: str, count: int) -> list[Config]:
         """The configs sweep ``name`` proposes with ``count`` (none if it does not apply)."""
@@ -77,6 +82,8 @@ class Auto(Strategy):
 
     def ask(self) -> list[Config]:
         known = self.refiner.known()
+        if not self._queue and not self._ranked:
+            self._rank_sweeps()
         while self._queue:
             config = self._queue.pop(0)
             if config.key not in known and self.ctx.feasible(config):

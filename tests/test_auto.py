@@ -75,3 +75,31 @@ def test_the_refiner_proposes_feasible_unevaluated_neighbours_of_the_front(mlp):
     assert len(rest) + 1 + len(seen) == len(known)
     assert refiner.propose(1) == []
     assert isinstance(ctx.history[0], Result)
+
+
+def test_auto_evaluates_the_dense_model_first_when_it_is_feasible(mlp):  # noqa: F811
+    model, task, space = mlp
+    auto = ranksearch.search(model, task, strategy="auto", evaluations=6, proxy=ZERO,
+                             space=space, store="memory")
+    assert auto.results[0].config == ranksearch.Config()
+    constrained = ranksearch.search(model, task, strategy="auto", evaluations=6, proxy=ZERO,
+                                    space=space, store="memory", constraints=[LIMIT])
+    assert all(r.config != ranksearch.Config() for r in constrained.results)
+
+
+def test_refiner_swaps_move_one_site_up_and_another_down(mlp):  # noqa: F811
+    model, task, space = mlp
+    ctx = context(space)
+    evaluator = ranksearch.Evaluator(model, task, ZERO, space)
+    ctx.record([evaluator(c) for c in feasible_configs(space)[::5]])
+    plain, swapping = Refiner(ctx), Refiner(ctx, swaps=True)
+    config = front(list(ctx.history), ctx.objectives, ctx.cost_constraints())[-1].config
+    singles = set(plain._moves(config))
+    pairs = set(swapping._moves(config)) - singles
+    assert singles <= set(swapping._moves(config)) and pairs
+
+    def step(c, n):
+        return plain.choices[n].index(c.get(n)) - plain.choices[n].index(config.get(n))
+
+    for c in pairs:
+        assert sorted(step(c, n) for n in space.names if step(c, n)) == [-1, 1]

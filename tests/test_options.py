@@ -14,22 +14,25 @@ from ranksearch.errors import OptionError, RankSearchError
 from ranksearch.strategy import GROUP, load_strategy
 
 NAN = float("nan")
+REFINE = {"refine": ["yes", 1]}
 SWEEP = {"points": [[0.0], [1.5], [], 0.5, "x", ["a"], [NAN]],
-         "count": [0, -3, "3", 2.5, True], "method": ["nope", 3]}
+         "count": [0, -3, "3", 2.5, True], "method": ["nope", 3], **REFINE}
 #: For every built-in strategy, bad values of each of its options.
 BAD = {
     "uniform": SWEEP,
     "proportional": SWEEP,
     "random": {"batch": [0, "2", 1.5], "dense": ["yes", 1]},
     "vbmf": {"one_shot": ["yes", 1], "points": [[2.0], [-1.5], [], 0.5],
-             "count": [0, "x"], "method": ["tt", "nope"]},
+             "count": [0, "x"], "method": ["tt", "nope"], **REFINE},
     "errorbound": {"thresholds": [[1.5], [-0.1], ["x"], []], "count": [0],
-                   "method": ["tr", "nope"]},
-    "pca_energy": {"count": [-1], "method": ["tt"], "metric": ["accuracy", 3]},
+                   "method": ["tr", "nope"], **REFINE},
+    "pca_energy": {"count": [-1], "method": ["tt"], "metric": ["accuracy", 3], **REFINE},
     "sensitivity": {"points": [[0.5, 2], [0]], "count": [0], "probe_fraction": [0, 1.5, "x"],
-                    "probe_rank": [0, 2.5], "method": ["nope"], "epsilon": [-1, 0, NAN]},
+                    "probe_rank": [0, 2.5], "method": ["nope"], "epsilon": [-1, 0, NAN],
+                    **REFINE},
     "beam": {"width": [0, True], "step": [0, 1.5], "minibatches": ["2"], "method": ["nope"],
-             "moves": [0]},
+             "moves": [0], **REFINE},
+    "auto": {"analytic": [0, 1.5, "x"], "sweeps": [3, [1]], "tpe_every": [-1, 1.5]},
     "nsga2": {"pop_size": [1, "8"], "generations": [0], "dense": ["no"], "cheaper": [0],
               "narrow_after": [0], "narrow_width": [[2, 0], [], 0, "4"],
               "seed_with": ["nope", ["uniform", "random"], 3], "crossover_eta": [0, "x"],
