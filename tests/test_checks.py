@@ -34,7 +34,7 @@ def tiny_task(x=None, y=None, **kw) -> Task:
 def run(model, task, out, **kw):
     kw.setdefault("proxy", ZERO)
     return ranksearch.search(model, task, out=str(out), evaluations=2,
-                             strategy_options={"points": [0.5, 0.3]}, **kw)
+                             strategy="uniform", strategy_options={"points": [0.5, 0.3]}, **kw)
 
 
 def refused(model, task, tmp_path, match, **kw):

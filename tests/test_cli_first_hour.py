@@ -42,10 +42,11 @@ def user_cache(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory) -> Path:
-    """An output folder holding one small search (accuracy against params)."""
+    """An output folder holding one small search (accuracy against params, params ≤ 0.5)."""
     out = tmp_path_factory.mktemp("searched")
     assert main(["search", "--out", str(out), "--no-progress", "--evaluations", "2",
-                 "--steps", "0", "--objective", "accuracy,params"]) == 0
+                 "--steps", "0", "--objective", "accuracy,params",
+                 "--constraint", "params<=0.5"]) == 0
     return out
 
 
@@ -162,7 +163,8 @@ def test_the_out_check_leaves_nothing_behind(tmp_path):
 def test_strategies_list_their_options(capsys):
     assert main(["strategies"]) == 0
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line}
-    assert lines["uniform"].endswith("(options: points=None, count=None, method=None)")
+    assert lines["uniform"].endswith("(options: points=None, count=None, method=None, "
+                                     "refine=True)")
     assert "(options: batch=1, dense=True)" in lines["random"]
     for name in ranksearch.available_strategies():
         assert "(options: " in lines[name]

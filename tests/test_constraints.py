@@ -277,7 +277,8 @@ def tiny_search(out, **kw):
     from ranksearch.evaluate import ProxySettings
 
     return ranksearch.search(*tiny(), out=str(out), evaluations=3, proxy=ProxySettings(steps=0),
-                             strategy_options={"points": [0.9, 0.5, 0.2]}, **kw)
+                             strategy="uniform", strategy_options={"points": [0.9, 0.5, 0.2]},
+                             **kw)
 
 
 @pytest.mark.parametrize(

@@ -175,7 +175,8 @@ def test_failures_do_not_end_the_search(local_ray, digits_model, digits, tmp_pat
     assert raised.status == killed.status == "failed"
     # an exception is the candidate's own failure (as under the local executor): no retry
     assert raised.reason.startswith("Boom: tripped") and "attempts" not in raised.reason
-    assert "worker process died" in killed.reason and "2 attempts" in killed.reason
+    # a one-CPU trial runs isolated in the worker: its death is the candidate's failure
+    assert "evaluation process died" in killed.reason
     assert raised.metrics["params"] > 0  # the costs are recorded with the failure
     assert [[r.status for r in batch] for batch in strategy.told] == [["ok", "failed"],
                                                                      ["failed", "ok"]]
