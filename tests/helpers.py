@@ -1,6 +1,7 @@
 """Helpers shared by the tests."""
 
 import math
+import sqlite3
 
 import torch
 from torch import nn
@@ -52,3 +53,17 @@ def assert_reloads(method: str, site: Site, layer: nn.Module, x: torch.Tensor, r
     target.load_state_dict(source.state_dict())
     with torch.no_grad():
         assert torch.equal(target(x), source(x))
+
+
+def stored(out) -> int:
+    """Finished trials in the SQLite store of folder ``out`` (claims, which are RUNNING
+    trials, left out), read without touching its schema."""
+    db = out / "ranksearch.db"
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+            return conn.execute("SELECT COUNT(*) FROM trials WHERE state != 'RUNNING'"
+                                ).fetchone()[0]
+    except sqlite3.OperationalError:  # the schema is not there yet
+        return 0

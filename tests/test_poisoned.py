@@ -5,7 +5,6 @@ signals stop a search with what finished stored."""
 import math
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import stored
 from torch import nn
 
 import ranksearch
@@ -197,17 +197,6 @@ def test_a_signal_during_an_isolated_evaluation_interrupts(digits_model, digits,
     assert signal.getsignal(signal.SIGTERM) is before  # the search's handler is gone
 
 
-def stored(out) -> int:
-    """Finished trials in the store (claims left out), read without touching its schema."""
-    db = out / "ranksearch.db"
-    if not db.exists():
-        return 0
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-            return conn.execute(  # a claim is a RUNNING trial
-                "SELECT COUNT(*) FROM trials WHERE state != 'RUNNING'").fetchone()[0]
-    except sqlite3.OperationalError:  # the schema is not there yet
-        return 0
 
 
 def _children(pid):

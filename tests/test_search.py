@@ -1,6 +1,5 @@
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -8,6 +7,7 @@ import time
 
 import optuna
 import pytest
+from helpers import stored
 
 import ranksearch
 from ranksearch.config import Config
@@ -84,17 +84,6 @@ KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
-def stored(out) -> int:
-    """Finished trials in the store, read without touching its schema."""
-    db = out / "ranksearch.db"
-    if not db.exists():
-        return 0
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
-            return conn.execute("SELECT COUNT(*) FROM trials WHERE state != 'RUNNING'"
-                                ).fetchone()[0]
-    except sqlite3.OperationalError:  # the schema is not there yet
-        return 0
 
 
 def test_sigkill_mid_search_then_resume(digits_model, tmp_path, tmp_path_factory):
