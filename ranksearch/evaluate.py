@@ -339,7 +339,6 @@ class Evaluator:
         for step, batch in enumerate(batches, start=1):
             if task.train_step is not None:
                 loss = task.train_step(model, move(batch, s.device), opt)
-                value = _loss_value(loss, step)
             else:
                 x, y = move(batch[0], s.device), move(batch[1], s.device)
                 out = prediction(call(model, x), task.output)
@@ -351,7 +350,7 @@ class Evaluator:
                     kd = F.kl_div(F.log_softmax(out / s.temperature, -1), target,
                                   log_target=True, reduction="batchmean") * s.temperature**2
                     loss = (1 - s.distill) * loss + s.distill * kd
-                value = _loss_value(loss, step)
+            value = _loss_value(loss, step)
             first = first if first is not None else value
             if value > s.diverge_factor * max(first, 1e-3):
                 raise CandidateFailed(

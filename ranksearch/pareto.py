@@ -255,12 +255,10 @@ def hypervolume(
     ``results_or_points``: results (the eligible ones count, see `front`), or an n × m array of
     raw metric values, one column per objective in order (accuracy as it is, not negated).
     ``reference``: raw values in objective order, or a mapping metric → value (see
-    `reference_point`). Computed by pymoo's ``HV`` on the minimization form (max objectives
+    `reference_point`). Computed by `minimized_volume` on the minimization form (max objectives
     and the reference negated); points not strictly better than the reference in every
     objective add nothing, so a set entirely outside the reference box has volume 0.
     """
-    from pymoo.indicators.hv import HV
-
     objs = parse_objectives(objectives)
     if isinstance(reference, Mapping):
         missing = [o.metric for o in objs if o.metric not in reference]
@@ -276,10 +274,26 @@ def hypervolume(
             f"{reference!r}"
         )
     ref = ref * np.array([o.sign for o in objs])
-    costs = _points(results_or_points, objs, constraints)
-    inside = costs[(costs < ref).all(axis=1)]
-    if len(inside) == 0:
+    return minimized_volume(_points(results_or_points, objs, constraints), ref)
+
+
+def minimized_volume(points: np.ndarray, ref: np.ndarray) -> float:
+    """The hypervolume that the minimization ``points`` (n × m) dominate below ``ref``; only
+    points strictly below it in every coordinate count. Exact: a sweep in two dimensions
+    (the common case, called per candidate by refinement), pymoo's ``HV`` otherwise."""
+    inside = points[(points < ref).all(axis=1)]
+    if not len(inside):
         return 0.0
+    if inside.shape[1] == 2:
+        inside = inside[np.lexsort((inside[:, 1], inside[:, 0]))]
+        volume, level = 0.0, ref[1]
+        for x, y in inside:
+            if y < level:
+                volume += (ref[0] - x) * (level - y)
+                level = y
+        return float(volume)
+    from pymoo.indicators.hv import HV
+
     return float(HV(ref_point=ref).do(inside))
 
 

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from .config import Choice, Config
-from .pareto import front
+from .pareto import front, minimized_volume
 from .population import site_choices
 from .result import Result
 from .strategy import Proposal, SearchContext, StopSearch
@@ -148,10 +148,10 @@ class Refiner:
         span = np.maximum(F.max(0) - low, 1e-12)
         F, C = (F - low) / span, (C - low) / span
         ref = np.full(len(objs), 1.1)
-        base = _hypervolume(F, ref)
+        base = minimized_volume(F, ref)
         out = {}
         for c, row in zip(cands, C, strict=True):
-            gain = _hypervolume(np.vstack([F, row]), ref) - base
+            gain = minimized_volume(np.vstack([F, row]), ref) - base
             out[c] = gain if gain > 1e-12 else -float(np.min(np.max(row - F, axis=1)))
         return out
 
@@ -170,25 +170,6 @@ def _ridge(X: np.ndarray, y: np.ndarray, alpha: float = 1.0) -> np.ndarray:
         return np.zeros(X.shape[1] if X.ndim == 2 else 0)
     Xc, yc = X - X.mean(0), y - y.mean()
     return np.linalg.solve(Xc.T @ Xc + alpha * np.eye(X.shape[1]), Xc.T @ yc)
-
-
-def _hypervolume(points: np.ndarray, ref: np.ndarray) -> float:
-    """The hypervolume of minimization ``points`` below ``ref`` (a sweep in two dimensions,
-    pymoo's ``HV`` otherwise)."""
-    inside = points[(points < ref).all(axis=1)]
-    if not len(inside):
-        return 0.0
-    if inside.shape[1] == 2:
-        inside = inside[np.lexsort((inside[:, 1], inside[:, 0]))]
-        volume, level = 0.0, ref[1]
-        for x, y in inside:
-            if y < level:
-                volume += (ref[0] - x) * (level - y)
-                level = y
-        return float(volume)
-    from pymoo.indicators.hv import HV
-
-    return float(HV(ref_point=ref).do(inside))
 
 
 def feasible_draw(ctx: SearchContext, choices: dict[str, Sequence[Choice]], exclude: set[str],
