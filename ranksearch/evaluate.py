@@ -25,11 +25,12 @@ from .cost import CostModel, measure_latency
 from .errors import CandidateFailed, RankSearchError, TaskError
 from .fingerprint import Fingerprint, fingerprint
 from .inputs import call, move
-from .metrics import METRICS, Meter, Metric, prediction
+from .metrics import METRICS, Metric, prediction
 from .result import Result, Status
 from .space import RankSpace
 from .surgery import compress
 from .task import Task
+from .training import evaluate_batches
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,7 @@ class Evaluator:
         self._val = [] if task.val is None else _batches(
             task, "val", settings.eval_batch_size, settings.eval_batches)
         self._dense_latency: float | None = None
+        self._example: Any = None
         self._fingerprint = fingerprint
         self.keep = None if keep is None else Path(keep)
 
@@ -281,12 +283,12 @@ class Evaluator:
 
     def latency(self, model: nn.Module) -> dict[str, float]:
         """Median latency (seconds, batch 1) of ``model`` and its ratio to the dense model's."""
-        example = move(self.task.example_input(), self.settings.device)
         repeats = self.settings.latency_repeats
-        if self._dense_latency is None:
-            self._dense_latency = measure_latency(self.model.to(self.settings.device), example,
-                                                  warmup=3, repeats=repeats)
-        seconds = measure_latency(model, example, warmup=3, repeats=repeats)
+        if self._dense_latency is None:  # with the example input, read once (not per candidate)
+            self._example = move(self.task.example_input(), self.settings.device)
+            self._dense_latency = measure_latency(self.model.to(self.settings.device),
+                                                  self._example, warmup=3, repeats=repeats)
+        seconds = measure_latency(model, self._example, warmup=3, repeats=repeats)
         return {"latency": seconds, "latency_ratio": seconds / self._dense_latency}
 
     def validate(self, model: nn.Module, batches: list[tuple] | None = None) -> dict[str, float]:
@@ -294,14 +296,8 @@ class Evaluator:
         the task's own ``evaluate`` when it has one (and no ``batches`` are given)."""
         if batches is None and self.task.evaluate is not None:
             return self._own_evaluate(model)
-        device = self.settings.device
-        model.eval()
-        meter = Meter((self.metric, METRICS["loss"]), self.task.loss)
-        with torch.inference_mode():
-            for x, y in self._val if batches is None else batches:
-                out = call(model, move(x, device))
-                meter.add(prediction(out, self.task.output), move(y, device))
-        return meter.values()
+        return evaluate_batches(model, self._val if batches is None else batches,
+                                self.task.loss, (self.metric, METRICS["loss"]), self.task.output)
 
     def _own_evaluate(self, model: nn.Module) -> dict[str, float]:
         model.eval()

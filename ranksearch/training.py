@@ -40,6 +40,7 @@ __all__ = [
     "checkpoint_name",
     "default_cache_dir",
     "evaluate_accuracy",
+    "evaluate_batches",
     "evaluate_metrics",
     "pretrained",
     "train_baseline",
@@ -56,8 +57,9 @@ def _device(model: nn.Module) -> torch.device:
     return parameter.device if parameter is not None else torch.device("cpu")
 
 
-def _evaluate(model: nn.Module, loader: Iterable, loss: Loss, metrics: Sequence[str | Metric],
-              output: OutputSelector = None) -> dict[str, float]:
+def evaluate_batches(model: nn.Module, loader: Iterable, loss: Loss,
+                     metrics: Sequence[str | Metric], output: OutputSelector = None
+                     ) -> dict[str, float]:
     """``metrics`` (names of `ranksearch.metrics`, "loss" the mean of ``loss``) of ``model``
     over the batches of ``loader``, its prediction read from its output by ``output``, in eval
     mode; the model's train/eval mode is restored afterwards."""
@@ -86,7 +88,7 @@ def evaluate_metrics(model: nn.Module, data: Dataset | DataLoader,
     """``metrics`` (names of `ranksearch.metrics`: "accuracy", "perplexity", "loss" (the mean
     of ``loss``), …, or `Metric` objects) of ``model`` on a dataset of ``(x, y)`` pairs or a
     DataLoader of batches (then ``batch_size`` is unused); ``output`` as in `Task`."""
-    return _evaluate(model, _loader(data, batch_size), loss, metrics, output)
+    return evaluate_batches(model, _loader(data, batch_size), loss, metrics, output)
 
 
 def evaluate_accuracy(model: nn.Module, data: Dataset | DataLoader, batch_size: int = 256) -> float:
@@ -144,8 +146,8 @@ def train_baseline(
                 bar.update()
             epoch_loss = total / count
             bar.set_postfix(epoch=epoch + 1, loss=f"{epoch_loss:.4f}")
-    val = _evaluate(model, task.loader("val", batch_size), task.loss, _baseline_metrics(task),
-                    task.output)
+    val = evaluate_batches(model, task.loader("val", batch_size), task.loss,
+                           _baseline_metrics(task), task.output)
     model.eval()
     result = {
         **{f"val_{name}": value for name, value in val.items()},
