@@ -12,7 +12,9 @@ compressed model from plain torch layers, and search per-layer ranks for a budge
     result.best("flops<=0.5")
 """
 
+from . import calibration
 from .cache import FactorCache
+from .calibration import InputStats
 from .config import Choice, Config
 from .constraints import Constraint
 from .cost import CostModel, EnergyTable, measure_latency
@@ -42,6 +44,7 @@ from .errors import (
 from .evaluate import Evaluator, ProxySettings
 from .export import Exported, scored_model
 from .fingerprint import Fingerprint
+from .latency import LatencyTable
 from .pareto import Objective
 from .result import Result
 from .search import SearchResult, search
@@ -77,7 +80,9 @@ __all__ = [
     "FactorCache",
     "Fingerprint",
     "InputShapeError",
+    "InputStats",
     "InvalidRankError",
+    "LatencyTable",
     "ModelFileError",
     "NoDecomposableLayersError",
     "NotAdmittedError",
@@ -103,6 +108,7 @@ __all__ = [
     "UnknownModelError",
     "UnknownStrategyError",
     "available_strategies",
+    "calibration",
     "compress",
     "load",
     "load_strategy",

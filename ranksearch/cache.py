@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
 from . import factorize
+from .calibration import InputStats, Whitening
 from .clone import clone_module
 from .config import Choice
+from .errors import UnknownLayerError
 from .factorize import Factors
 from .site import Rank, Site, find_layers
 from .space import RankSpace
@@ -30,11 +33,23 @@ class FactorCache:
     its own copy of the weights, so fine-tuning a built candidate never changes what later
     candidates start from.
 
+    With ``stats`` (`ranksearch.calibration.collect`: input statistics by site name) the
+    factors of the sites it covers are data-aware, exactly those of
+    ``decompose_aware(weight, site, rank, whitening)``, and so are the spectra
+    (`spectral_weight`, `singular_values`); the other sites keep weight-only factors.
+
     ``decompositions`` counts the decompositions run, per (site, method).
     """
 
-    def __init__(self, model: nn.Module, space: RankSpace) -> None:
+    def __init__(self, model: nn.Module, space: RankSpace,
+                 stats: Mapping[str, InputStats] | None = None) -> None:
         self.space = space
+        self.stats = dict(stats or {})
+        unknown = sorted(set(self.stats) - {site.name for site in space.decomposable})
+        if unknown:
+            raise UnknownLayerError(f"input statistics for {unknown}, which are not "
+                                    "decomposable sites of the space; collect them for this "
+                                    "space (ranksearch.calibration.collect)")
         self._weights: dict[str, torch.Tensor] = {}
         self._biases: dict[str, torch.Tensor | None] = {}
         layers = {layer.name: layer for layer in find_layers(model)}
@@ -46,6 +61,8 @@ class FactorCache:
         self._top: dict[tuple[str, str], Factors] = {}  # sliceable, at max rank
         self._per_rank: dict[tuple[str, str, Rank], Factors] = {}
         self._spectra: dict[str, torch.Tensor] = {}
+        self._whitenings: dict[tuple[str, tuple[int, ...]], Whitening] = {}
+        self._whitened: dict[tuple[str, str], torch.Tensor] = {}
         self._built: dict[tuple[str, Choice], nn.Module] = {}
         self.decompositions: Counter[tuple[str, str]] = Counter()
 
@@ -83,19 +100,49 @@ class FactorCache:
         self.space.decomposable_site(name)
         return self._weights[name]
 
+    @property
+    def data_aware(self) -> bool:
+        """Whether the cache holds input statistics (its factors are data-aware)."""
+        return bool(self.stats)
+
+    def spectral_weight(self, name: str, method: str) -> torch.Tensor:
+        """The weight whose spectra decide ``method``'s rank on site ``name`` (for
+        `ranksearch.vbmf.site_spectra` and the strategies that read spectra): the dense weight,
+        or for a data-aware site its whitening for ``method`` (`Whitening.apply`, float64),
+        whose spectra measure output error on the calibration data rather than weight error."""
+        site = self.space.decomposable_site(name)
+        if name not in self.stats:
+            return self._weights[name]
+        key = (name, method)
+        if key not in self._whitened:
+            self._whitened[key] = self.whitening(site, method).apply(self._weights[name])
+        return self._whitened[key]
+
+    def whitening(self, site: Site, method: str) -> Whitening:
+        """The whitening of ``method`` on a data-aware site, from its statistics."""
+        modes = factorize.get(method).input_modes(site)
+        key = (site.name, modes)
+        if key not in self._whitenings:
+            self._whitenings[key] = self.stats[site.name].whitening(modes)
+        return self._whitenings[key]
+
     def singular_values(self, name: str) -> torch.Tensor:
         """Singular values (descending, float64) of the site's weight as an out × (in·kh·kw)
-        matrix; for a grouped convolution, the per-group spectra pooled as in
+        matrix (of the whitened weight when the site is data-aware, see `spectral_weight`);
+        for a grouped convolution, the per-group spectra pooled as in
         `ranksearch.vbmf.site_spectra`."""
         if name not in self._spectra:
             site = self.space.decomposable_site(name)
-            self._spectra[name] = site_spectra(site, self._weights[name], "svd")[0]
+            self._spectra[name] = site_spectra(site, self.spectral_weight(name, "svd"), "svd")[0]
         return self._spectra[name]
 
     def _decompose(self, site: Site, method: str, rank: Rank) -> Factors:
         log.debug("decomposing %s with %s at rank %s", site.name, method, rank)
         self.decompositions[(site.name, method)] += 1
-        return factorize.get(method).decompose(self._weights[site.name], site, rank)
+        fac, weight = factorize.get(method), self._weights[site.name]
+        if site.name in self.stats:
+            return fac.decompose_aware(weight, site, rank, self.whitening(site, method))
+        return fac.decompose(weight, site, rank)
 
 
 def effective_rank(singular_values: torch.Tensor) -> float:

@@ -27,7 +27,7 @@ from .cost import CostModel
 from .datasets import REFERENCE_MODELS, load_task
 from .errors import RankSearchError
 from .evaluate import ProxySettings
-from .export import scored_model, study_of
+from .export import BACKEND_RUN, scored_model, study_of
 from .formats import FORMATS, load_hint
 from .models import build_model
 from .pareto import describe_hypervolume, parse_objectives
@@ -46,6 +46,7 @@ from .space import SpaceSpec
 from .store import list_studies, read_objectives, read_study
 from .strategy import Strategy, available_strategies, load_strategy
 from .task import Task, load_user_task
+from .timing import BACKENDS
 from .training import evaluate_accuracy, pretrained
 
 DEMO_STRATEGY = "pca_energy"
@@ -190,10 +191,11 @@ def _parser() -> argparse.ArgumentParser:
                    "convolutions, then all linear layers at once (Astrid & Lee 2018)")
     p.add_argument("--lr", type=_number(float, 0, strict=True), default=1e-3,
                    help="fine-tuning learning rate")
-    p.add_argument("--format", default="ranksearch", choices=FORMATS,
+    p.add_argument("--format", default=None, choices=FORMATS,
                    help="ranksearch: a .pt that ranksearch.load reads with the dense model; "
                    "torchscript, torch.export: files that run with plain torch; onnx: needs "
-                   "the onnx package (and onnxruntime to run it)")
+                   "the onnx package (and onnxruntime to run it). Default: onnx for a search "
+                   "timed on the onnx backend, else ranksearch")
     p.add_argument("--output", default=None,
                    help="model file (default: OUT/model.pt, model.torchscript.pt, model.pt2 "
                    "or model.onnx by --format)")
@@ -240,6 +242,21 @@ def _proxy_options(p: argparse.ArgumentParser) -> None:
                    help="weight of knowledge distillation from the dense model (0: off)")
     p.add_argument("--eval-batches", type=_number(int, 1), default=None,
                    help="validation batches per candidate (default: the whole split)")
+    timed = p.add_argument_group("latency (a constraint or objective on it prices it from a "
+                                 "table of per-layer times, measured once and kept in the store)")
+    timed.add_argument("--backend", default="eager", choices=BACKENDS,
+                       help="what latency is timed on, and what export writes for: eager "
+                       "(default), channels_last, compile (torch.compile) or onnx (onnxruntime, "
+                       "the onnx extra)")
+    timed.add_argument("--latency-batch", type=_number(int, 1), default=1,
+                       help="samples per call the latency table times (default: 1)")
+    aware = p.add_argument_group("data-aware factors")
+    aware.add_argument("--data-aware", action="store_true",
+                       help="fit the factors to each layer's inputs on a few training batches "
+                       "(its output error), not to its weights alone; costs are unchanged")
+    aware.add_argument("--calibration-batches", type=_number(int, 1), default=None,
+                       help="training batches of --batch-size the statistics of --data-aware "
+                       "are collected on (default: 8)")
 
 
 def _space_options(p: argparse.ArgumentParser) -> None:
@@ -451,9 +468,16 @@ def existing_store(args: argparse.Namespace) -> str:
 def cmd_search(args: argparse.Namespace) -> int:
     writable_out(args.out)
     ray = _ray_options(args)
+    if args.calibration_batches is not None and not args.data_aware:
+        raise RankSearchError("--calibration-batches sets the batches of data-aware factors; "
+                              "add --data-aware (or leave it out)")
     proxy = ProxySettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
                           optimizer=args.optimizer, distill=args.distill,
-                          eval_batches=args.eval_batches, device=args.device)
+                          eval_batches=args.eval_batches, device=args.device,
+                          backend=args.backend, latency_batch=args.latency_batch,
+                          data_aware=args.data_aware,
+                          calibration_batches=args.calibration_batches
+                          or ProxySettings.calibration_batches)
     if ray.get("gpus_per_trial", 0) > 0 and str(proxy.device).lower() == "cpu":
         raise RankSearchError("--gpus-per-trial reserves GPUs but the proxy runs on cpu; "
                               "add --device cuda")
@@ -558,9 +582,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         compressed = finetune(model, picked.config, task, schedule=args.schedule,
                               epochs=args.finetune_epochs, lr=args.lr, progress=progress)
         further = evaluate_accuracy(compressed, task.val)
-    output = Path(args.output) if args.output else Path(args.out) / EXPORT_FILES[args.format]
+    fmt = args.format or exported.format
+    output = Path(args.output) if args.output else Path(args.out) / EXPORT_FILES[fmt]
     written = replace(exported, model=compressed).write(
-        output, fmt=args.format, example_input=task.example_input(), study=study,
+        output, fmt=fmt, example_input=task.example_input(), study=study,
         finetune_epochs=args.finetune_epochs,
         schedule=args.schedule if args.finetune_epochs else None,
         finetuned_val_accuracy=further)
@@ -570,8 +595,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     if further is not None:
         print(f"  val accuracy after {args.finetune_epochs} more epoch(s) ({args.schedule}) "
               f"{further:.4f}")
-    print(f"  wrote {written} ({args.format}; load it with "
-          f"{load_hint(args.format, written.name)['code']})")
+    print(f"  wrote {written} ({fmt}; load it with {load_hint(fmt, written.name)['code']})")
+    if exported.backend != "eager":
+        print(f"  its latency was timed on {exported.backend}: {BACKEND_RUN[exported.backend]}")
     return 0
 
 

@@ -63,8 +63,9 @@ class Config(Mapping[str, Choice]):
     Dense entries are dropped, so two configs that build the same model are equal.
     """
 
-    __slots__ = ("_items",)
+    __slots__ = ("_items", "_key")
     _items: tuple[tuple[str, Choice], ...]
+    _key: str | None
 
     def __init__(self, choices: Mapping[str, Choice] | Iterable[tuple[str, Choice]] = ()) -> None:
         pairs = choices.items() if isinstance(choices, Mapping) else choices
@@ -75,9 +76,13 @@ class Config(Mapping[str, Choice]):
             if not choice.is_dense:
                 items[name] = choice
         object.__setattr__(self, "_items", tuple(sorted(items.items())))
+        object.__setattr__(self, "_key", None)
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("Config is immutable")
+
+    def __reduce__(self) -> tuple[type[Config], tuple[tuple[tuple[str, Choice], ...]]]:
+        return Config, (self._items,)
 
     def __getitem__(self, name: str) -> Choice:
         for key, choice in self._items:
@@ -124,4 +129,7 @@ class Config(Mapping[str, Choice]):
     @property
     def key(self) -> str:
         """A stable string identifying the config (equal configs have equal keys)."""
-        return json.dumps(self.to_json(), sort_keys=True, separators=(",", ":"))
+        if self._key is None:
+            object.__setattr__(self, "_key", json.dumps(self.to_json(), sort_keys=True,
+                                                        separators=(",", ":")))
+        return self._key  # type: ignore[return-value]

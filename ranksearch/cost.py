@@ -1,10 +1,12 @@
-"""The cost of a configuration without building it: parameters, MACs, FLOPs and energy.
+"""The cost of a configuration without building it: parameters, MACs, FLOPs, energy and
+latency.
 
 `CostModel` prices any `Config` of a `RankSpace` from the closed-form stage costs of each
 factorization (`Factorization.stages`), so a search can price thousands of candidates in
 milliseconds. `EnergyTable` holds the energy per operation and memory access; the default is
-the 45 nm table of Horowitz (ISSCC 2014) as tabulated by Han et al. (2015). `measure_latency`
-times a real forward pass, since latency cannot be derived from MACs.
+the 45 nm table of Horowitz (ISSCC 2014) as tabulated by Han et al. (2015). Latency cannot be
+derived from MACs: it is priced from a `ranksearch.latency.LatencyTable` of measured
+per-layer times when the cost model is given one. `measure_latency` times a real forward pass.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, fields
 from itertools import chain
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -28,8 +30,15 @@ from .inputs import Inputs, call, move, tensors
 from .site import Site
 from .space import RankSpace
 
+if TYPE_CHECKING:
+    from .latency import LatencyTable
+
 PJ = 1e-12  # joules per picojoule
-METRICS = ("params", "macs", "flops", "energy")
+#: The cost metrics priced from closed forms, for every cost model.
+COUNTS = ("params", "macs", "flops", "energy")
+#: Every cost metric a cost model can price before a candidate is built (latency with a
+#: latency table).
+METRICS = (*COUNTS, "latency")
 
 
 @dataclass(frozen=True)
@@ -135,19 +144,27 @@ class _SiteCost:
 
 
 class CostModel:
-    """Exact parameters, MACs and modelled energy of any configuration of a `RankSpace`.
+    """Exact parameters, MACs and modelled energy of any configuration of a `RankSpace`, and
+    its latency priced from ``latency`` (a `ranksearch.latency.LatencyTable` of the space)
+    when given.
 
     Every site the traced forward pass called is priced, the non-decomposable ones (depthwise
     convolutions, shared layers, …) at their dense cost. MACs and activation traffic count once
     per call of a site; parameters once. MACs also hold the space's ``other_macs`` (attention
     scores and other products outside the sites, which no choice changes), so they are those
     `FlopCounterMode` counts for the whole forward pass. All figures are per input sample.
-    ``energy`` defaults to `EnergyTable()`.
+    ``energy`` defaults to `EnergyTable()`. Latency (seconds per call at the table's batch
+    size, not per sample) is the table's `LatencyTable.total`.
     """
 
-    def __init__(self, space: RankSpace, energy: EnergyTable | None = None) -> None:
+    def __init__(self, space: RankSpace, energy: EnergyTable | None = None,
+                 latency: LatencyTable | None = None) -> None:
         self.space = space
         self.energy_table = EnergyTable() if energy is None else energy
+        if latency is not None and latency.space != space:
+            raise RankSearchError("the latency table was made for another space; make it "
+                                  "with LatencyTable(model, space, ...) for this space")
+        self.latency_table = latency
         self._called: tuple[Site, ...] = tuple(s for s in space.sites if s.calls > 0)
         if not self._called:
             raise RankSearchError(
@@ -185,12 +202,29 @@ class CostModel:
             self._costs[key] = _SiteCost(params, macs, pj * PJ)
         return self._costs[key]
 
-    def site_cost(self, name: str, choice: Choice, metric: str) -> float:
-        """``metric`` (params, macs, flops or energy) of site ``name`` alone under ``choice``,
-        per sample over all its calls."""
-        if metric not in METRICS:
+    @property
+    def priced(self) -> tuple[str, ...]:
+        """The cost metrics this model prices: `COUNTS`, and latency with a latency table."""
+        return METRICS if self.latency_table is not None else COUNTS
+
+    def _check_metric(self, metric: str) -> None:
+        if metric == "latency" and self.latency_table is None:
+            raise RankSearchError(
+                "latency is priced from a table of measured layer times, and this cost model "
+                "has none: pass CostModel(space, latency=LatencyTable(model, space, "
+                "example_input)); a search makes one when a constraint or objective names "
+                "latency")
+        if metric not in self.priced:
             raise RankSearchError(f"unknown cost metric {metric!r}; choose one of {list(METRICS)}")
+
+    def site_cost(self, name: str, choice: Choice, metric: str) -> float:
+        """``metric`` (params, macs, flops, energy or latency) of site ``name`` alone under
+        ``choice``: per sample over all its calls; latency in seconds per call of the
+        table's batch."""
+        self._check_metric(metric)
         choice = self.space.validate(Config({name: choice})).get(name, DENSE)
+        if metric == "latency":
+            return self.latency_table.seconds(name, choice)  # type: ignore[union-attr]
         cost = self._site_cost(self.space.site(name), choice)
         return float(2 * cost.macs if metric == "flops" else getattr(cost, metric))
 
@@ -221,7 +255,10 @@ class CostModel:
         other = self.space.other_macs
         macs = other + sum(cost.macs for _, _, cost in rows)
         energy = other * self.energy_table.mac_pj * PJ + sum(cost.energy for _, _, cost in rows)
-        return {"params": params, "macs": macs, "flops": 2 * macs, "energy": energy}
+        totals = {"params": params, "macs": macs, "flops": 2 * macs, "energy": energy}
+        if self.latency_table is not None:
+            totals["latency"] = self.latency_table.total({s.name: c for s, c, _ in rows})
+        return totals
 
     def params(self, config: Config) -> int:
         """Parameters of the whole compressed model (BatchNorm and other layers included)."""
@@ -250,36 +287,35 @@ class CostModel:
         """`metrics` of the dense model (every ratio 1.0)."""
         if self._dense is None:
             totals = self._totals(Config())
-            self._dense = {**totals, **{f"{m}_ratio": 1.0 for m in METRICS}}
+            self._dense = {**totals, **{f"{m}_ratio": 1.0 for m in self.priced}}
         return dict(self._dense)
 
     def metrics(self, config: Config) -> dict[str, float]:
-        """params, macs, flops (per sample), energy (joules per sample), and each as a ratio to
-        the dense model (``params_ratio`` = params / dense params; 0.25 means 4× smaller)."""
+        """params, macs, flops (per sample), energy (joules per sample), latency (seconds, with
+        a latency table), and each as a ratio to the dense model (``params_ratio`` = params /
+        dense params; 0.25 means 4× smaller)."""
         totals = self._totals(config)
         dense = self.dense()
-        return {**totals, **{f"{m}_ratio": totals[m] / dense[m] for m in METRICS}}
+        return {**totals, **{f"{m}_ratio": totals[m] / dense[m] for m in self.priced}}
 
     def ratio(self, metric: str, config: Config) -> float:
-        """``metric`` of ``config`` divided by that of the dense model (one of `METRICS`)."""
-        if metric not in METRICS:
-            raise RankSearchError(f"unknown cost metric {metric!r}; choose one of {list(METRICS)}")
+        """``metric`` of ``config`` divided by that of the dense model (one of `priced`)."""
+        self._check_metric(metric)
         return self._totals(config)[metric] / self.dense()[metric]
 
     def table(self, config: Config) -> list[dict[str, Any]]:
         """One row per called site for reports: name, choice (e.g. ``"svd:8"``), params, macs
-        (per sample, all calls) and energy (joules per sample). The space's ``other_macs``
-        are in no row."""
-        return [
-            {
-                "name": site.name,
-                "choice": str(choice),
-                "params": cost.params,
-                "macs": cost.macs,
-                "energy": cost.energy,
-            }
-            for site, choice, cost in self._site_costs(config)
-        ]
+        (per sample, all calls), energy (joules per sample) and, with a latency table, the
+        latency of a decomposable site (seconds). The space's ``other_macs`` are in no row."""
+        rows = []
+        for site, choice, cost in self._site_costs(config):
+            row: dict[str, Any] = {"name": site.name, "choice": str(choice),
+                                   "params": cost.params, "macs": cost.macs,
+                                   "energy": cost.energy}
+            if self.latency_table is not None and site.decomposable:
+                row["latency"] = self.latency_table.seconds(site.name, choice)
+            rows.append(row)
+        return rows
 
 
 def measure_latency(

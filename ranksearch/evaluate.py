@@ -20,16 +20,19 @@ from torch import nn
 
 from . import options as check
 from .cache import FactorCache
+from .calibration import InputStats, calibration_inputs, collect
 from .config import Config
-from .cost import CostModel, measure_latency
+from .cost import CostModel
 from .errors import CandidateFailed, RankSearchError, TaskError
 from .fingerprint import Fingerprint, fingerprint
 from .inputs import call, move
+from .latency import LatencyTable
 from .metrics import METRICS, Metric, prediction
 from .result import Result, Status
 from .space import RankSpace
 from .surgery import compress
 from .task import Task
+from .timing import BACKENDS
 from .training import evaluate_batches
 
 log = logging.getLogger(__name__)
@@ -55,10 +58,17 @@ class ProxySettings:
     the dense model when ``distill`` > 0 (the weight of the KD term, temperature
     ``temperature``). The task's metric is reported every ``report_every`` steps. A loss that
     is not finite, or that exceeds ``diverge_factor`` times the first loss, fails the candidate.
-    ``latency=True`` measures each candidate's median latency (batch 1, ``latency_repeats``
-    runs) on the device; the search turns it on when a constraint or objective names latency.
+    ``latency=True`` prices each candidate's latency from a table of per-layer times
+    (`ranksearch.latency.LatencyTable`) measured once on ``device`` under ``backend`` (one of
+    eager, channels_last, compile, onnx) at batches of ``latency_batch`` samples, each time
+    the median of ``latency_repeats`` samples; the search turns it on when a constraint or
+    objective names latency, and times its front end to end.
     ``device`` is "cpu", "cuda", "cuda:N", "mps" or "xpu" (a `torch.device` is taken too);
     whether it is there is checked when a search starts (`ranksearch.checks.check_device`).
+    ``data_aware=True`` builds candidates from data-aware factors (`ranksearch.calibration`):
+    fitted to the layer inputs of ``calibration_batches`` training batches of ``batch_size``
+    (shuffled with ``seed``), collected once per evaluator on ``device``, so that truncation
+    minimises each layer's output error rather than its weight error; the costs are the same.
     """
 
     steps: int = 0
@@ -77,12 +87,18 @@ class ProxySettings:
     device: str = "cpu"
     latency: bool = False
     latency_repeats: int = 10
+    backend: str = "eager"
+    latency_batch: int = 1
+    data_aware: bool = False
+    calibration_batches: int = 8
 
     def __post_init__(self) -> None:
         """Check every field (an `OptionError` naming it), and canonicalize ``device``."""
         who = "ProxySettings"
         for name, low in (("steps", 0), ("batch_size", 1), ("eval_batch_size", 1),
-                          ("report_every", 1), ("seed", 0), ("latency_repeats", 1)):
+                          ("report_every", 1), ("seed", 0), ("latency_repeats", 1),
+                          ("latency_batch", 1),
+                          ("calibration_batches", 1)):
             check.integer(getattr(self, name), name, who, low)
         check.integer(self.eval_batches, "eval_batches", who, 1, optional=True)
         for name in ("lr", "temperature"):
@@ -93,16 +109,28 @@ class ProxySettings:
         check.number_in(self.diverge_factor, "diverge_factor", who, 1.0, open_low=True)
         check.choice(self.optimizer, "optimizer", who, ("adam", "sgd"))
         check.boolean(self.latency, "latency", who)
+        check.choice(self.backend, "backend", who, BACKENDS)
+        check.boolean(self.data_aware, "data_aware", who)
         object.__setattr__(self, "device", device_name(self.device))
 
     def describe(self) -> str:
+        aware = f", data-aware ({self.calibration_batches} batches)" if self.data_aware else ""
         if self.steps == 0:
-            return "zero-shot"
+            return f"zero-shot{aware}"
         kd = f", kd {self.distill}" if self.distill else ""
-        return f"{self.steps} steps {self.optimizer} lr {self.lr:g} bs {self.batch_size}{kd}"
+        return (f"{self.steps} steps {self.optimizer} lr {self.lr:g} bs {self.batch_size}{kd}"
+                f"{aware}")
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        """Every setting that decides a score: the latency table's settings only when
+        latency is priced, the calibration's only when data-aware (so settings stored before
+        those options existed still match)."""
+        data = asdict(self)
+        if not self.latency:
+            del data["backend"], data["latency_batch"]
+        if not self.data_aware:
+            del data["data_aware"], data["calibration_batches"]
+        return data
 
 
 def device_name(device: str | torch.device) -> str:
@@ -126,7 +154,9 @@ class Evaluator:
     The task's own ``train_step``, ``finetune`` and ``evaluate`` (see `Task`) replace the
     proxy's loop and validation. With ``keep`` (a folder), the state dict of every candidate
     scored ``ok`` is written there (`weights_path`) and its path recorded in the result, so
-    `scored` gives it back without fine-tuning again.
+    `scored` gives it back without fine-tuning again. With ``settings.data_aware`` the factor
+    cache it makes holds calibration statistics (collected here, with a progress bar when
+    ``progress``); a ``cache`` given must agree with the setting.
     """
 
     def __init__(
@@ -138,6 +168,7 @@ class Evaluator:
         cache: FactorCache | None = None,
         fingerprint: Fingerprint | None = None,
         keep: str | os.PathLike | None = None,
+        progress: bool = False,
     ) -> None:
         if settings.distill and (task.train_step is not None or task.finetune is not None):
             raise RankSearchError(
@@ -148,14 +179,25 @@ class Evaluator:
         self.task = task
         self.settings = settings
         self.space = space or RankSpace.discover(model, task.example_input())
-        self.cache = cache or FactorCache(model, self.space)
+        if cache is not None and cache.data_aware != settings.data_aware:
+            raise RankSearchError(
+                f"the factor cache given is {'data-aware' if cache.data_aware else 'weight-only'}"
+                f" but the proxy settings have data_aware={settings.data_aware}; make the cache "
+                "with the statistics the settings ask for, or leave it to the evaluator")
+        self.cache = cache or FactorCache(model, self.space, self._calibrate(progress))
         self.costs = CostModel(self.space)
         self._val = [] if task.val is None else _batches(
             task, "val", settings.eval_batch_size, settings.eval_batches)
-        self._dense_latency: float | None = None
-        self._example: Any = None
         self._fingerprint = fingerprint
         self.keep = None if keep is None else Path(keep)
+
+    def _calibrate(self, progress: bool) -> dict[str, InputStats] | None:
+        """The input statistics of data-aware factors (None for weight-only ones)."""
+        s = self.settings
+        if not s.data_aware:
+            return None
+        inputs = calibration_inputs(self.task, s.calibration_batches, s.batch_size, s.seed)
+        return collect(self.model, self.space, inputs, s.device, progress)
 
     @property
     def fingerprint(self) -> Fingerprint:
@@ -264,8 +306,6 @@ class Evaluator:
                 _check_finite(metrics)
                 return self.result(config, metrics, wall_time=time.perf_counter() - start,
                                    partial=partial)
-            if self.settings.latency:
-                metrics.update(self.latency(candidate))
             stopped = self._tune(candidate, report)
             metrics.update(self.validate(candidate))
             if stopped:
@@ -281,15 +321,9 @@ class Evaluator:
         return self.result(config, metrics, status, reason, time.perf_counter() - start,
                            partial=partial, weights=weights)
 
-    def latency(self, model: nn.Module) -> dict[str, float]:
-        """Median latency (seconds, batch 1) of ``model`` and its ratio to the dense model's."""
-        repeats = self.settings.latency_repeats
-        if self._dense_latency is None:  # with the example input, read once (not per candidate)
-            self._example = move(self.task.example_input(), self.settings.device)
-            self._dense_latency = measure_latency(self.model.to(self.settings.device),
-                                                  self._example, warmup=3, repeats=repeats)
-        seconds = measure_latency(model, self._example, warmup=3, repeats=repeats)
-        return {"latency": seconds, "latency_ratio": seconds / self._dense_latency}
+    def price_latency(self, table: LatencyTable) -> None:
+        """Price the latency of every candidate from ``table`` (a table of this space)."""
+        self.costs = CostModel(self.space, latency=table)
 
     def validate(self, model: nn.Module, batches: list[tuple] | None = None) -> dict[str, float]:
         """The task's metric and the mean loss on the validation batches (or on ``batches``);

@@ -8,7 +8,9 @@ through the same `Evaluator.candidate`; and validates it again, so the written m
 one whose figures the store holds.
 
 `Exported.write` writes it as a ``ranksearch`` file, which `ranksearch.load` rebuilds on the
-dense model, or as a file that stands alone (`ranksearch.formats`).
+dense model, or as a file that stands alone (`ranksearch.formats`), for the backend its
+latency was timed on (`BACKEND_RUN`): onnx as an ``.onnx`` file by default, channels_last with
+its weights in that memory format, compile with a note to compile it at load.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
+from .clone import clone_module
 from .config import Config
 from .constraints import Constraint
 from .evaluate import Evaluator, ProxySettings
@@ -35,27 +39,45 @@ from .store import StoreError, default_url, list_studies, read_fingerprint, read
 from .surgery import save
 from .task import Task
 
+#: How to run an exported model the way its latency was timed, by backend.
+BACKEND_RUN = {
+    "eager": "call the model as it is",
+    "channels_last": "weights in channels_last memory format; after loading run "
+                     "model.to(memory_format=torch.channels_last) and give it inputs "
+                     "x.contiguous(memory_format=torch.channels_last)",
+    "compile": "compile it after loading, as its latency was timed: torch.compile(model)",
+    "onnx": "run the .onnx file with onnxruntime, as its latency was timed",
+}
+
 
 @dataclass(frozen=True)
 class Exported:
     """A rebuilt candidate: the ``model``, its ``config``, the stored ``result`` it was
-    picked as, and ``metrics``, the validation measured again on the rebuilt model."""
+    picked as, ``metrics``, the validation measured again on the rebuilt model, and the
+    ``backend`` its search timed latency on (one of `BACKEND_RUN`)."""
 
     model: nn.Module = field(repr=False)
     config: Config
     result: Result
     metrics: dict[str, float]
+    backend: str = "eager"
+
+    @property
+    def format(self) -> str:
+        """The format written by default: ``onnx`` for the onnx backend, else ``ranksearch``."""
+        return "onnx" if self.backend == "onnx" else "ranksearch"
 
     def write(
         self,
         path: str | os.PathLike,
-        fmt: str = "ranksearch",
+        fmt: str | None = None,
         example_input: Inputs | None = None,
         **extra: Any,
     ) -> Path:
-        """Write the model as ``fmt`` (one of `FORMATS`) and a JSON record beside it
-        (``.json``: the format, how to load the file, the input, the config and metrics, and
-        ``extra``). Returns the path written.
+        """Write the model as ``fmt`` (one of `FORMATS`; default `format`) and a JSON record
+        beside it (``.json``: the format, how to load the file, the input, the backend and
+        how to run it there, the config and metrics, and ``extra``). Returns the path
+        written. For the channels_last backend the weights are written in that memory format.
 
         ``ranksearch`` is `ranksearch.save` (load it with `ranksearch.load` on the dense
         model; ``example_input``, of any kind, is recorded if given); the other formats stand
@@ -63,14 +85,18 @@ class Exported:
         suffix of another format (or none) is replaced by the format's own (``.pt``, ``.pt2``,
         ``.onnx``).
         """
-        fmt = check_format(fmt)
+        fmt = check_format(fmt or self.format)
         path = target_path(path, fmt)
+        model = self.model
+        if self.backend == "channels_last":
+            model = clone_module(model).to(memory_format=torch.channels_last)
         if fmt == "ranksearch":
-            path = save(path, self.model, self.config)
+            path = save(path, model, self.config)
             record = ranksearch_record(path, example_input)
         else:
-            record = write_standalone(self.model, path, fmt, example_input)
-        doc = {**record, "config": self.config.to_json(),
+            record = write_standalone(model, path, fmt, example_input)
+        backend = {"name": self.backend, "run": BACKEND_RUN[self.backend]}
+        doc = {**record, "backend": backend, "config": self.config.to_json(),
                "search_metrics": dict(self.result.metrics), "rebuilt_metrics": self.metrics,
                "fingerprint": self.result.fingerprint, **extra}
         write_atomic(path.with_suffix(".json"), json.dumps(doc, indent=2).encode())
@@ -131,4 +157,5 @@ def scored_model(
             raise StoreError(f"the model or task given is not the one study {study!r} measured: "
                              f"{'; '.join(differences)}. Pass the model and task of the search.")
     candidate = evaluator.scored(picked)
-    return Exported(candidate, picked.config, picked, evaluator.validate(candidate))
+    return Exported(candidate, picked.config, picked, evaluator.validate(candidate),
+                    backend=evaluator.settings.backend)

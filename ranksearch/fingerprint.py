@@ -11,7 +11,6 @@ import functools
 import hashlib
 import inspect
 import json
-import platform
 from collections.abc import Callable, Mapping, Sized
 from dataclasses import dataclass, field
 from itertools import islice
@@ -81,11 +80,12 @@ def fingerprint(model: nn.Module, task: Task, settings: ProxySettings, space: Ra
     ``settings``."""
     from . import __version__
     from .store import space_signature
+    from .timing import device_label
 
     proxy = settings.to_json()
     if settings.latency:  # timings belong to the machine they were taken on
         proxy = {**proxy, "torch": torch.__version__, "threads": torch.get_num_threads(),
-                 "machine": platform.processor() or platform.machine()}
+                 "machine": device_label(settings.device)}
     space_settings = space.spec.to_json()
     parts = {
         "weights": model_digest(model),
@@ -214,9 +214,10 @@ def _update(h: Any, item: Any) -> None:
         h.update(repr(item).encode())
 
 
-def _bytes(tensor: torch.Tensor) -> bytes:
+def _bytes(tensor: torch.Tensor) -> memoryview | bytes:
+    """The tensor's bytes, without a copy where it is contiguous on the CPU."""
     t = tensor.detach().cpu().contiguous()
-    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b""
 
 
 def _digest(data: bytes) -> str:

@@ -8,7 +8,8 @@ atomic on every database. A claim carries its owner (host, process, attempt) and
 heartbeat stopped, whose process is gone (same host), or that its owner released has expired
 and is taken over by the next claimer (the same trial, so one trial per config). Saving a
 result finishes the claimed trial. Readers see other writers' work by reading only trials
-newer than the last seen and the running ones they know (`Ledger.read`).
+newer than the last seen and the running ones they know (`Ledger.read`). The
+``ranksearch_latency`` table keeps latency tables (`read_latency`, `write_latency`).
 """
 
 from __future__ import annotations
@@ -55,11 +56,49 @@ KEYS = sqlalchemy.Table(
     sqlalchemy.Column("key_hash", sqlalchemy.String(64), primary_key=True),
     sqlalchemy.Column("trial_id", sqlalchemy.Integer, nullable=False),
 )
+#: Latency entries (`ranksearch.latency`): one row per table (the digest of what decides its
+#: times) and entry, its value as JSON.
+LATENCY = sqlalchemy.Table(
+    "ranksearch_latency", _META,
+    sqlalchemy.Column("table_key", sqlalchemy.String(64), primary_key=True),
+    sqlalchemy.Column("entry", sqlalchemy.String(200), primary_key=True),
+    sqlalchemy.Column("value_json", sqlalchemy.Text, nullable=False),
+)
 
 
 def create_tables(engine: sqlalchemy.engine.Engine) -> None:
-    """Create the ``ranksearch_keys`` table if it is missing."""
+    """Create the ``ranksearch_keys`` and ``ranksearch_latency`` tables if they are
+    missing."""
     _META.create_all(engine)
+
+
+def read_latency(engine: sqlalchemy.engine.Engine, table: str) -> dict[str, dict[str, Any]]:
+    """Every latency entry stored for ``table``."""
+    with engine.connect() as conn:
+        rows = conn.execute(select(LATENCY.c.entry, LATENCY.c.value_json)
+                            .where(LATENCY.c.table_key == table))
+        return {entry: json.loads(value) for entry, value in rows}
+
+
+def write_latency(engine: sqlalchemy.engine.Engine, table: str,
+                  entries: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Store ``entries`` of ``table``; an entry another writer stored first keeps its value.
+    Returns the entries as stored."""
+    rows = [{"table_key": table, "entry": name, "value_json": json.dumps(dict(value))}
+            for name, value in entries.items()]
+    try:
+        with engine.begin() as conn:
+            if rows:
+                conn.execute(insert(LATENCY), rows)
+    except sqlalchemy.exc.IntegrityError:  # some are stored already: the others one by one
+        for row in rows:
+            try:
+                with engine.begin() as conn:
+                    conn.execute(insert(LATENCY).values(**row))
+            except sqlalchemy.exc.IntegrityError:
+                continue
+    stored = read_latency(engine, table)
+    return {name: stored[name] for name in entries}
 
 
 @dataclass(frozen=True)
@@ -277,7 +316,7 @@ class Ledger:
         held = self._holder(conn, key)
         if held is None:
             tid = self._new_trial(conn, key, TrialState.RUNNING, self._owner(1))
-            if budget is not None and self._counted(conn) >= budget:
+            if budget is not None and self._counted(conn, budget) >= budget:
                 raise _Full
             conn.execute(insert(KEYS).values(study_id=self.study_id, key_hash=key_hash(key),
                                              trial_id=tid))
@@ -315,9 +354,14 @@ class Ledger:
         self._point(conn, key, held, tid)
         return Claim("ours"), tid, found
 
-    def _counted(self, conn: sqlalchemy.Connection) -> int:
-        """The study's keys that count toward a budget: stored, or claimed and not given up.
+    def _counted(self, conn: sqlalchemy.Connection, budget: int) -> int:
+        """The study's keys that count toward a budget: stored, or claimed and not given up
+        (exactly when there are at least ``budget`` keys, else the keys, an upper bound).
         Called after `_new_trial` took the write lock (SQLite) or the study's row lock."""
+        keys = int(conn.execute(select(func.count()).select_from(KEYS)
+                                .where(KEYS.c.study_id == self.study_id)).scalar())
+        if keys < budget:  # every counted key has a row: no need to look for given-up claims
+            return keys
         c = _SYSTEM.alias("c")
         released = and_(_TRIALS.c.state == TrialState.RUNNING,
                         c.c.value_json.like('%"released": true%'))

@@ -44,6 +44,8 @@ _AXIS_LABELS = {"params": "params", "flops": "FLOPs", "energy": "energy"}
 # Metrics the table always shows; other objectives get a column of their own.
 _TABLE_METRICS = frozenset({"accuracy", *(m for a in PLOT_AXES for m in (a, f"{a}_ratio"))})
 _FIGSIZE = (7.0, 5.0)
+#: The metric of a front point's latency measured end to end (`ranksearch.search.check_front`).
+_CHECKED = "latency_measured_ratio"
 
 
 # -- text ---------------------------------------------------------------------------------------
@@ -255,7 +257,9 @@ def front_table(
     over continuation lines of about ``config_width`` characters). A missing metric shows as
     ``-``. The dense row shows absolute params, FLOPs and energy: those of ``dense`` (the
     dense model's metrics, accuracy included when known), else those the results imply. An
-    empty front is explained (`empty_front_reason`).
+    empty front is explained (`empty_front_reason`). Where front points were timed end to
+    end (a latency search), the priced and the measured latency ratios get columns and the
+    prediction error a line (`prediction_line`).
     """
     objs = parse_objectives(objectives)
     cons = parse_constraints(constraints)
@@ -263,6 +267,8 @@ def front_table(
     quality = next((o.metric for o in objs if o.metric.removesuffix("_ratio")
                     not in COST_METRICS), "accuracy")
     extra = [o.metric for o in objs if o.metric not in _TABLE_METRICS and o.metric != quality]
+    if any(_CHECKED in r.metrics for r in points):  # priced and measured side by side
+        extra += [m for m in ("latency_ratio", _CHECKED) if m not in extra]
     header = [quality, "params", "FLOPs", "energy", *extra, "config"]
     rows = [(_row(_dense_metrics(results, dense), extra, True, quality), ["dense (reference)"])]
     rows += [(_row(r.metrics, extra, quality=quality), wrap_config(r.config, config_width))
@@ -286,9 +292,34 @@ def front_table(
         out += line(numbers, config)
     if not points:
         out += ["(no result on the front)", f"why: {empty_front_reason(results, objs, cons)}"]
+    checked = prediction_line(points)
+    if checked:
+        out.append(checked)
     out += ["", summary_line(results)]
     failures = failure_summary(results)
     return "\n".join([*out, failures] if failures else out)
+
+
+def prediction_line(results: Sequence[Result]) -> str | None:
+    """How far the latency priced from the latency table is from the latency measured end to
+    end, over the results that have both (the front of a latency search): the relative
+    error of the ratio to the dense model and of the seconds, on average and at worst
+    (``"latency priced vs measured end to end on 4 front points: ratio to dense off by 2.1%
+    on average, 5.3% at worst; seconds off by 3.0%, 6.2% at worst"``). None when no result
+    has both."""
+    ratio, seconds = [], []
+    for r in results:
+        priced, measured = (metric_value(r.metrics, k) for k in ("latency_ratio", _CHECKED))
+        took, timed = (metric_value(r.metrics, k) for k in ("latency", "latency_measured"))
+        if all(math.isfinite(x) and x > 0 for x in (priced, measured, took, timed)):
+            ratio.append(abs(priced / measured - 1))
+            seconds.append(abs(took / timed - 1))
+    if not ratio:
+        return None
+    n = len(ratio)
+    return (f"latency priced vs measured end to end on {n} front point{'s' * (n != 1)}: ratio "
+            f"to dense off by {sum(ratio) / n:.1%} on average, {max(ratio):.1%} at worst; "
+            f"seconds off by {sum(seconds) / n:.1%}, {max(seconds):.1%} at worst")
 
 
 def written_line(paths: Iterable[str | os.PathLike]) -> str:

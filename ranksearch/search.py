@@ -17,19 +17,20 @@ from . import options as check
 from .checks import check_task
 from .config import Choice, Config
 from .constraints import Constraint, parse_constraints
-from .cost import METRICS as PRICED
 from .cost import CostModel
 from .errors import ConfigError, ConstraintUnreachableError, RankSearchError
 from .evaluate import Evaluator, ProxySettings
 from .executors import Executor, get_executor
 from .fingerprint import Fingerprint
+from .latency import LatencyTable, needs_latency
 from .loop import SearchLoop, Termination
 from .pareto import Objective, best, front, hypervolume, knee, parse_objectives, reference_point
 from .result import Result
 from .space import RankSpace, SpaceSpec
-from .store import Store, default_url
+from .store import Store, default_url, latency_book, with_checks
 from .strategy import ACCURACY, SearchContext, Strategy, Training, load_strategy
 from .task import Task
+from .timing import Timing
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +158,18 @@ def search(
     of every candidate scored ``ok`` under ``out``/weights/<study> (`Result.weights`), which
     `SearchResult.model` and export then use instead of fine-tuning again.
 
+    ``proxy=ProxySettings(data_aware=True)`` scores candidates built from data-aware factors
+    (fitted to the layer inputs of a few training batches, see `ranksearch.calibration`), and
+    the spectral strategies (errorbound, pca_energy, vbmf) then read whitened spectra; prices
+    are unchanged, and the setting is part of the fingerprint like every proxy setting.
+
+    A constraint or objective on latency (``"latency<=0.5x"``, ``"latency<=3ms"``) prices it
+    from a `ranksearch.latency.LatencyTable`: every choice of every layer timed alone on the
+    proxy's ``device`` and ``backend`` at batches of ``latency_batch``, once (with a progress
+    bar) and kept in the store, so later searches on the same machine reuse it; nothing is
+    timed per candidate. Every front point is then timed end to end against the dense model
+    (``latency_measured``, ``latency_measured_ratio`` in its metrics, recorded with the study).
+
     Before anything is written, the task is checked against the dense model on the proxy's
     device (`ranksearch.checks.check_task`); its metric and loss are in ``meta["dense"]``.
     """
@@ -171,8 +184,10 @@ def search(
     if keep_weights and store == "memory":
         raise RankSearchError("keep_weights writes files under out, and store='memory' writes "
                               "nothing; use the default store (or another URL) to keep weights")
-    if any(x.metric == "latency" for x in (*cons, *objs)) and not proxy.latency:
+    if needs_latency(x.metric for x in (*cons, *objs)) and not proxy.latency:
         proxy = replace(proxy, latency=True)
+    timing = Timing(backend=proxy.backend, batch_size=proxy.latency_batch, device=proxy.device,
+                    repeats=proxy.latency_repeats) if proxy.latency else None
     strat = load_strategy(strategy, strategy_options)
     given = SpaceSpec(methods, include, exclude, min_params, multiple_of, dearer=dearer)
     if isinstance(space, RankSpace):
@@ -189,9 +204,17 @@ def search(
         space = (space or given).discover(model, task.example_input())
     costs = CostModel(space)
     check_reachable(space, costs, cons)
-    evaluator = Evaluator(model, task, proxy, space)
+    evaluator = Evaluator(model, task, proxy, space, progress=progress)
     dense = check_task(model, task, proxy, evaluator)  # before anything is written
     url = store or default_url(out)
+    table = None
+    if timing is not None:
+        table = LatencyTable(model, space, task.example_input(timing.batch_size), timing,
+                             latency_book(url))
+        table.build(progress)
+        costs = CostModel(space, latency=table)
+        evaluator.price_latency(table)
+        check_reachable(space, costs, cons)
     name = study or study_name(task.name, strat.name, cons, objs, proxy, strategy_options, seed,
                                space, evaluator.fingerprint)
     run_meta = {"task": task.name, "strategy": strat.name,
@@ -217,8 +240,11 @@ def search(
         runner.drive(loop, evaluator)
     finally:
         loop.close()
+    results = db.results()
+    if table is not None and loop.stopped != "interrupted":
+        results = check_front(db, table, evaluator, results, objs, cons)
     return SearchResult(
-        results=db.results(), objectives=objs, constraints=cons, space=space, costs=costs,
+        results=results, objectives=objs, constraints=cons, space=space, costs=costs,
         store_url=url, study=name, stopped=loop.stopped or "finished", evaluated=loop.evaluated,
         meta=run_meta, evaluator=evaluator, metric=Objective.parse(task.metric),  # type: ignore[arg-type]
     )
@@ -228,8 +254,9 @@ def check_reachable(space: RankSpace, costs: CostModel, constraints: Sequence[Co
                     ) -> None:
     """Raise when no configuration of the space can meet the cost constraints: an upper bound
     that even the cheapest config breaks, a lower bound that even the dearest breaks, or an
-    upper and a lower bound on one metric that leave nothing between them."""
-    priced = [c for c in constraints if c.metric in PRICED]
+    upper and a lower bound on one metric that leave nothing between them. Constraints on a
+    metric ``costs`` does not price (latency without a latency table) are left out."""
+    priced = [c for c in constraints if c.metric in costs.priced]
     for c in priced:
         pick = min if c.op == "<=" else max
         extreme = Config({
@@ -251,6 +278,21 @@ def check_reachable(space: RankSpace, costs: CostModel, constraints: Sequence[Co
                 raise ConstraintUnreachableError(
                     f"the constraints {low} and {high} leave no room between them; loosen one"
                 )
+
+
+def check_front(db: Store, table: LatencyTable, evaluator: Evaluator, results: list[Result],
+                objectives: Sequence[Objective], constraints: Sequence[Constraint]
+                ) -> list[Result]:
+    """``results`` with every front point timed end to end against the dense model
+    (`LatencyTable.check`), those timed before (recorded with the study) not again."""
+    known = db.checks()
+    points = front(with_checks(results, known), objectives, constraints)
+    todo = [r.config for r in points if r.key not in known]
+    if todo:
+        new = table.check(todo, evaluator.build)
+        db.save_checks(new)
+        known.update(new)
+    return with_checks(results, known)
 
 
 def _site_cost(costs: CostModel, name: str, choice: Choice, metric: str) -> float:
@@ -275,4 +317,5 @@ def study_name(task: str, strategy: str, constraints: Sequence[Constraint],
     return f"{task}-{strategy}-{hashlib.sha256(spec.encode()).hexdigest()[:8]}"
 
 
-__all__ = ["SearchLoop", "SearchResult", "check_reachable", "search", "study_name"]
+__all__ = ["SearchLoop", "SearchResult", "check_front", "check_reachable", "search",
+           "study_name"]

@@ -25,6 +25,7 @@ import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +34,21 @@ import sqlalchemy
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState
 
+from . import schema
 from .config import Config
 from .errors import StoreError
 from .fingerprint import Fingerprint
-from .ledger import Claim, Finished, Heartbeat, Leases, Ledger, create_tables
+from .latency import Entries, MemoryBook
+from .ledger import (
+    Claim,
+    Finished,
+    Heartbeat,
+    Leases,
+    Ledger,
+    create_tables,
+    read_latency,
+    write_latency,
+)
 from .pareto import Objective
 from .result import Result, result_key
 from .space import RankSpace
@@ -44,6 +56,8 @@ from .space import RankSpace
 log = logging.getLogger(__name__)
 
 _STATES = {"ok": TrialState.COMPLETE, "failed": TrialState.FAIL, "pruned": TrialState.PRUNED}
+#: The study attribute holding end-to-end latency measurements of configs, by result key.
+CHECKS = "latency_checks"
 
 
 @contextmanager
@@ -140,13 +154,16 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
                              f"{url})")
         _refuse_empty(path)
     for attempt in range(10):
-        # A file made now gets this Optuna's schema: checking it against that schema again
-        # would read Optuna's migration scripts once more (0.1-0.4 s) for nothing.
+        # A new file is a copy of the schema template (`ranksearch.schema`), or gets this
+        # Optuna's schema from Optuna: either way checking it, like checking a file at the
+        # template's revision, would read Optuna's migration scripts (0.1-0.4 s) for nothing.
         fresh = path is not None and not path.exists()
+        current = path is not None and (schema.seed(path) if fresh else schema.current(path))
         try:
             with quiet_optuna():
                 storage = optuna.storages.RDBStorage(real, engine_kwargs=_engine_kwargs(real),
-                                                     skip_compatibility_check=fresh)
+                                                     skip_compatibility_check=fresh or current,
+                                                     skip_table_creation=current)
             if path is not None:
                 # Write-ahead log: readers (optuna-dashboard, `ranksearch report`) work while
                 # a search writes, and a killed process never leaves a half-written commit.
@@ -253,6 +270,41 @@ def list_studies(url: str) -> list[str]:
         return [s.study_name for s in optuna.get_all_study_summaries(storage)]
     except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as e:
         raise store_error(e, url, "listing its searches") from e
+
+
+class DatabaseBook:
+    """The latency entries (`ranksearch.latency.Book`) of the store at ``url``, in its
+    ``ranksearch_latency`` table: every search on the store shares them."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._engine = open_storage(url).engine
+
+    def load(self, table: str) -> Entries:
+        try:
+            return read_latency(self._engine, table)
+        except (sqlalchemy.exc.SQLAlchemyError, sqlite3.Error) as e:
+            raise store_error(e, self.url, "reading a latency table") from e
+
+    def save(self, table: str, entries: Entries) -> Entries:
+        try:
+            return write_latency(self._engine, table, entries)
+        except (sqlalchemy.exc.SQLAlchemyError, sqlite3.Error) as e:
+            raise store_error(e, self.url, "storing latency entries") from e
+
+
+def latency_book(url: str) -> DatabaseBook | MemoryBook:
+    """Where the latency tables of the store at ``url`` are kept: its database, or this
+    process for ``"memory"``."""
+    return MemoryBook() if url == MEMORY else DatabaseBook(url)
+
+
+def with_checks(results: Sequence[Result], checks: Mapping[str, Mapping[str, float]]
+                ) -> list[Result]:
+    """``results`` with the end-to-end latency measured for some of them (by result key)
+    added to their metrics."""
+    return [replace(r, metrics={**r.metrics, **checks[r.key]}) if r.key in checks else r
+            for r in results]
 
 
 class Store:
@@ -454,6 +506,18 @@ class Store:
         """Every stored candidate result (partial scores left out), in the order saved."""
         return [r for r in self._results.values() if r.partial is None]
 
+    def checks(self) -> dict[str, dict[str, float]]:
+        """The end-to-end latency measurements recorded with the study, by result key."""
+        with self._guard("reading latency checks"):
+            return dict(self.study.user_attrs.get(CHECKS, {}))
+
+    def save_checks(self, checks: Mapping[str, Mapping[str, float]]) -> None:
+        """Record end-to-end latency measurements of configs (by result key) with the
+        study; `read_study` adds them to the results' metrics."""
+        merged = {**self.checks(), **{k: dict(v) for k, v in checks.items()}}
+        with self._guard("recording latency checks"):
+            self.study.set_user_attr(CHECKS, merged)
+
     # -- many writers ---------------------------------------------------------------------------
     def refresh(self) -> None:
         """Read what other writers stored and claimed since the last read (only trials newer
@@ -653,7 +717,8 @@ def _load(url: str, study: str) -> tuple[optuna.storages.BaseStorage, optuna.Stu
 
 def read_study(url: str, study: str) -> tuple[list[Result], dict[str, Any]]:
     """The results and the run description of a stored search, without its model: one per
-    config (a retry's result replaces the failure it retried)."""
+    config (a retry's result replaces the failure it retried), with the end-to-end latency
+    checks recorded with it (`Store.save_checks`) in their metrics."""
     storage, loaded = _load(url, study)
     if isinstance(storage, optuna.storages.RDBStorage):
         try:
@@ -664,7 +729,8 @@ def read_study(url: str, study: str) -> tuple[list[Result], dict[str, Any]]:
     else:
         results = _trial_results(loaded)
     candidates = [r for r in results.values() if r.partial is None]
-    return candidates, dict(loaded.user_attrs.get("meta", {}))
+    return (with_checks(candidates, loaded.user_attrs.get(CHECKS, {})),
+            dict(loaded.user_attrs.get("meta", {})))
 
 
 def read_fingerprint(url: str, study: str) -> Fingerprint | None:

@@ -134,8 +134,8 @@ class SearchContext:
         return tuple(self._history)
 
     def cost_constraints(self) -> tuple[Constraint, ...]:
-        """The constraints that can be checked before evaluation (everything but accuracy,
-        loss and latency)."""
+        """The constraints that can be checked before evaluation: those on a cost metric
+        (latency too: a search that names it prices it from a latency table)."""
         return tuple(c for c in self.constraints if c.metric in PRICED)
 
     @property
@@ -166,12 +166,33 @@ class SearchContext:
     def repair(self, config: Config) -> Config:
         """``config`` brought within the cost constraints: every site's rank scaled by the
         largest common factor in (0, 1] that meets them (each snapped down to its grid), so
-        the allocation across sites is kept; the config itself when it is feasible, and its
-        smallest grid ranks when nothing fits."""
+        the allocation across sites is kept. Where even its smallest grid ranks break them
+        (under latency a factorized layer can be slower than the dense one), sites are then
+        moved one at a time to the choice, dense included, that lowers the violation most,
+        until it meets them or no move helps. The config itself when it is feasible."""
         if self.feasible(config):
             return config
-        return scaled(self.space, config, largest_true(
+        fixed = scaled(self.space, config, largest_true(
             lambda k: self.feasible(scaled(self.space, config, k)), 0.0, 1.0))
+        return fixed if self.feasible(fixed) else self._descend(fixed)
+
+    def _descend(self, config: Config) -> Config:
+        """``config`` with sites moved one at a time to their cheapest (or, under a lower
+        bound, dearest) choice in a constrained metric, the move that lowers the violation
+        most first, while one does."""
+        moves = {(name, (min if c.op == "<=" else max)(
+                    self.space.choices(name),
+                    key=lambda ch, n=name, m=c.metric: self.costs.site_cost(n, ch, m)))
+                 for name in self.space.names for c in self.cost_constraints()}
+        violation = self.violation(config)
+        while violation > 0:
+            tried = [(self.violation(config.with_choices({n: ch})), n, ch)
+                     for n, ch in sorted(moves, key=str) if config.get(n) != ch]
+            lowest, name, choice = min(tried, key=lambda t: t[0], default=(violation, "", None))
+            if lowest >= violation:
+                break
+            violation, config = lowest, config.with_choices({name: choice})
+        return config
 
     def record(self, results: Sequence[Result]) -> None:
         """Append told results to the history (called by the search loop only)."""
@@ -235,9 +256,11 @@ class SweepStrategy(Strategy):
     Proposes ``count`` configs (default: the evaluation budget) from the largest knob in
     [``low``, ``high``] that meets the cost constraints down to ``low`` — so it both meets a
     budget and traces a front below it — or exactly the knobs in ``points``. Most expensive
-    first; duplicates (knobs that round to the same ranks) are proposed once. Once they are
-    used up, ``refine`` (default) hands the rest of the budget to `ranksearch.refine.Refiner`
-    (new feasible configs near the front found); ``refine=False`` stops there.
+    first; duplicates (knobs that round to the same ranks) are proposed once, and of the
+    knobs below the largest only those that meet the constraints (latency need not fall with
+    the knob). Once they are used up, ``refine`` (default) hands the rest of the budget to
+    `ranksearch.refine.Refiner` (new feasible configs near the front found); ``refine=False``
+    stops there.
     """
 
     #: the knob's range; a subclass may set either per instance in ``setup``
@@ -265,7 +288,9 @@ class SweepStrategy(Strategy):
             knobs = sorted(self.points, reverse=True)
         queue: dict[Config, None] = {}
         for knob in knobs:
-            queue.setdefault(self.make(float(knob)))
+            config = self.make(float(knob))
+            if self.points is not None or ctx.feasible(config):
+                queue.setdefault(config)
         self._queue = list(queue)
         self.handover.setup(ctx)
 

@@ -9,7 +9,7 @@ from ranksearch import options
 from ranksearch.config import Config
 from ranksearch.errors import RankSearchError
 from ranksearch.refine import Refiner
-from ranksearch.strategy import SearchContext, StopSearch, Strategy, load_strategy
+from ranksearch.strategy import Proposal, SearchContext, StopSearch, Strategy, load_strategy
 
 from .optuna import OptunaSampler
 
@@ -20,14 +20,19 @@ SWEEPS = ("pca_energy", "errorbound", "vbmf")
 
 
 class Auto(Strategy):
-    """The dense model and the analytic sweeps first, then refinement of the front
-    interleaved with TPE.
+    """Without cost constraints the sensitivity strategy; under them the dense model and the
+    analytic sweeps first, then refinement of the front interleaved with TPE.
 
-    Phase one (``analytic``, a share of the budget, at least 4 evaluations): the dense model
-    where it meets the constraints, then the first config of each data-free sweep in
-    ``sweeps`` (PCA energy, the ALDS error bound, VBMF: each traces a front under the cost
-    constraints from layer spectra alone), then the rest of the sweeps, the one whose first
-    config scored best first, duplicates once. Phase two, for the rest of the budget:
+    Without cost constraints, when its probes (the dense model and one per site) take at
+    most ``analytic`` of the budget: `Sensitivity` with its refinement, which is ahead of
+    every other strategy at every budget there on the exhaustive benchmark (under a cost
+    constraint most of its probes are infeasible, so it is not used).
+
+    Otherwise phase one: the dense model where it meets the constraints, then the first
+    config of each data-free sweep in ``sweeps`` (PCA energy, the ALDS error bound, VBMF:
+    each traces a front under the cost constraints from layer spectra alone), then the rest
+    of the sweeps, the one whose first config scored best first, duplicates once, for
+    ``analytic`` of the budget in all. Phase two, for the rest of the budget:
     `ranksearch.refine.Refiner` proposals (unevaluated feasible neighbours of the front, by
     estimated hypervolume gain, with one-up-one-down swaps under cost constraints, then
     feasible configs at random), every ``tpe_every``-th ask instead a TPE proposal
@@ -37,7 +42,8 @@ class Auto(Strategy):
     """
 
     name = "auto"
-    description = "analytic sweeps, then refinement of the front and TPE, for the whole budget"
+    description = ("sensitivity probes (unconstrained) or analytic sweeps, then refinement of "
+                   "the front and TPE, for the whole budget")
 
     def __init__(self, analytic: float = 0.25, sweeps: str | Sequence[str] = SWEEPS,
                  tpe_every: int = 3) -> None:
@@ -50,12 +56,28 @@ class Auto(Strategy):
         super().setup(ctx)
         self.refiner = Refiner(ctx, swaps=bool(ctx.cost_constraints()))
         self._share = max(4, round(self.analytic * ctx.evaluations))
-        self._lists = [c for c in (self._sweep(n, self._share) for n in self.sweeps) if c]
-        self._queue = [Config(), *(configs[0] for configs in self._lists)]
-        self._ranked = False
+        self._probing = self._sensitivity()
+        self._lists = [] if self._probing else [
+            c for c in (self._sweep(n, self._share) for n in self.sweeps) if c]
+        self._queue = [] if self._probing else [Config(), *(c[0] for c in self._lists)]
+        self._ranked = self._probing is not None
         self._tpe: OptunaSampler | None = None
         self._told = 0
         self._asks = 0
+
+    def _sensitivity(self) -> Strategy | None:
+        """Without cost constraints, the sensitivity strategy (its probes are the most
+        informative first evaluations there), when its probes take at most ``analytic`` of
+        the budget; None otherwise (under cost constraints most probes are infeasible)."""
+        if self.ctx.cost_constraints() or 1 + len(self.ctx.space.decomposable) > self._share:
+            return None
+        try:
+            inner = load_strategy("sensitivity", {"refine": True})
+            inner.setup(self.ctx)
+        except RankSearchError as e:
+            log.info("auto: sensitivity does not apply (%s)", e)
+            return None
+        return inner
 
     def _rank_sweeps(self) -> None:
         """Queue the rest of the sweeps, the one whose first config scored best first."""
@@ -80,7 +102,15 @@ class Auto(Strategy):
             log.info("auto: sweep %s does not apply (%s)", name, e)
             return []
 
-    def ask(self) -> list[Config]:
+    def ask(self) -> list[Config | Proposal]:
+        if self._probing is not None:
+            try:
+                proposals = self._probing.ask()
+                self.refiner.asked.update(
+                    (p.config if isinstance(p, Proposal) else p).key for p in proposals)
+                return proposals
+            except StopSearch:
+                self._probing = None
         known = self.refiner.known()
         if not self._queue and not self._ranked:
             self._rank_sweeps()
@@ -109,6 +139,8 @@ class Auto(Strategy):
         return configs
 
     def tell(self, results: Sequence[object]) -> None:
+        if self._probing is not None:
+            self._probing.tell(results)  # type: ignore[arg-type]
         if self._tpe is not None:
             self._tpe.tell(results)  # type: ignore[arg-type]
 

@@ -1,4 +1,5 @@
-"""Data-free rank selection from layer spectra: the ALDS error bound and PCA energy."""
+"""Rank selection from layer spectra (of the weights, or data-aware of the whitened weights):
+the ALDS error bound and PCA energy."""
 
 from __future__ import annotations
 
@@ -31,9 +32,12 @@ class SpectralPath(Strategy):
     ask. Without constraints the whole path is spanned. Sites get ``method`` (default: their
     first); those that do not admit it, and TT/TR sites, stay dense. The spectra are those of
     `ranksearch.vbmf.site_spectra` (per-group spectra pooled for grouped convolutions): svd
-    from ``ctx.cache.singular_values``, the others computed from ``ctx.cache.weight`` once
-    per setup. Once they are used up, ``refine`` (default) refines the front for the rest of
-    the budget (`ranksearch.refine.Handover`); ``refine=False`` stops there.
+    from ``ctx.cache.singular_values``, the others computed from
+    ``ctx.cache.spectral_weight`` once per setup. With a data-aware cache these are the
+    spectra of the whitened weights, so the errors and energies they give are those of each
+    layer's output on the calibration data, and ranks go where the output error is. Once
+    they are used up, ``refine`` (default) refines the front for the rest of the budget
+    (`ranksearch.refine.Handover`); ``refine=False`` stops there.
     """
 
     def __init__(self, count: int | None = None, method: str | None = None,
@@ -87,7 +91,7 @@ class SpectralPath(Strategy):
     def _spectra(self, name: str, method: str) -> tuple[np.ndarray, ...]:
         if method == "svd":
             return (self.ctx.cache.singular_values(name).cpu().numpy(),)
-        site, weight = self.ctx.space.site(name), self.ctx.cache.weight(name)
+        site, weight = self.ctx.space.site(name), self.ctx.cache.spectral_weight(name, method)
         return tuple(s.cpu().numpy() for s in site_spectra(site, weight, method))
 
     def components(self, name: str, rank: Rank) -> tuple[int, ...]:
@@ -109,8 +113,9 @@ class ErrorBound(SpectralPath):
     larger of the two); for CP the Tucker unfoldings stand in for the CP error (a proxy: the
     error of a CP fit is not known without fitting). The path steps through every breakpoint
     of ε (``breakpoints``, from the largest to 0), so the fitted config is tight: the next
-    breakpoint below it breaks the budget. Data-free. ``thresholds`` proposes exactly those
-    ε instead (most expensive first).
+    breakpoint below it breaks the budget. Data-free (or, with a data-aware cache, on the
+    output error of the calibration data). ``thresholds`` proposes exactly those ε instead
+    (most expensive first).
     """
 
     name = "errorbound"

@@ -18,8 +18,10 @@ class VBMF(SweepStrategy):
     """Empirical VBMF ranks, and a sweep between them and the top of the grid.
 
     Each site's rank is the EVBMF rank of its matrices (`ranksearch.vbmf.site_vbmf_rank`:
-    Nakajima et al., JMLR 2013), as Kim et al. ("Compression of deep convolutional neural
-    networks for fast and low power mobile applications", ICLR 2016) chose Tucker-2 ranks.
+    Nakajima et al., JMLR 2013; those of the whitened weight with a data-aware cache, see
+    `ranksearch.FactorCache.spectral_weight`), as Kim et al. ("Compression of deep
+    convolutional neural networks for fast and low power mobile applications", ICLR 2016)
+    chose Tucker-2 ranks.
     ``one_shot=True`` proposes only that config. Otherwise the knob is MUSCO's weakening
     factor w (Gusak et al., "Automated multi-stage compression of neural networks", ICCV
     Workshops 2019): rank = vbmf + w·(top − vbmf) for w in [0, 1], top being the top of the
@@ -51,7 +53,8 @@ class VBMF(SweepStrategy):
         self._sites: dict[str, tuple[str, Rank, Rank, tuple[Rank, ...]]] = {}
         for name, method in spectral_sites(ctx.space, self.method, self.name).items():
             grid = ctx.space.ranks(name, method)
-            rank = site_vbmf_rank(ctx.space.site(name), ctx.cache.weight(name), method, grid)
+            weight = ctx.cache.spectral_weight(name, method)  # whitened when data-aware
+            rank = site_vbmf_rank(ctx.space.site(name), weight, method, grid)
             self._sites[name] = (method, rank, grid[-1], grid)
         vbmf_fits = ctx.feasible(self.make(0.0))
         if self.one_shot:

@@ -236,16 +236,22 @@ def test_other_searches_in_the_store_are_reused(digits_model, digits, tmp_path):
     assert alone.evaluated == 2
 
 
-def test_latency_constraint_measures_candidates(digits_model, digits, tmp_path):
+def test_latency_constraint_prices_candidates_from_a_table(digits_model, digits, tmp_path):
+    proxy = ProxySettings(steps=0, latency_repeats=3)
     result = run(digits_model, digits, tmp_path, strategy="uniform", evaluations=3,
-                 constraints=["latency<=5x"], proxy=ProxySettings(steps=0))
-    dense = [r.metrics["latency"] / r.metrics["latency_ratio"] for r in result.results]
-    assert dense[0] > 0 and dense == pytest.approx([dense[0]] * 3)  # one dense measurement
-    assert all(r.metrics["latency"] > 0 for r in result.results)
+                 constraints=["latency<=5x"], proxy=proxy)
+    table = result.costs.latency_table
+    assert table is not None and table.measured > 0 and len(result.results) == 3
+    for r in result.results:  # priced from the table, not timed per candidate
+        assert r.metrics["latency"] == table.price(r.config) > 0
+        assert r.metrics["latency_ratio"] == r.metrics["latency"] / table.dense
     assert all(r.metrics["latency_ratio"] <= 5 for r in result.front())
-    impossible = run(digits_model, digits, tmp_path / "b", strategy="uniform", evaluations=2,
-                     constraints=["latency<=1e-9s"], proxy=ProxySettings(steps=0))
-    assert impossible.front() == [] and len(impossible.results) == 2
+    for r in result.front():  # and each front point timed end to end
+        assert r.metrics["latency_measured"] > 0 and r.metrics["latency_measured_ratio"] > 0
+    # a budget below the fastest config is refused before anything is evaluated
+    with pytest.raises(ConstraintUnreachableError, match=r"latency<=1e-09s: the cheapest"):
+        run(digits_model, digits, tmp_path / "b", strategy="uniform", evaluations=2,
+            constraints=["latency<=1e-9s"], proxy=proxy)
 
 
 def test_context_history_holds_every_told_result(digits_model, digits, tmp_path):

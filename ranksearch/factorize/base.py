@@ -14,6 +14,7 @@ from torch import nn
 from ..errors import InvalidRankError, NotAdmittedError
 
 if TYPE_CHECKING:
+    from ..calibration import Whitening
     from ..site import Rank, Site
 
 Factors = dict[str, torch.Tensor]
@@ -188,6 +189,41 @@ class Factorization(ABC):
         For sliceable methods this is the `slice` at ``rank`` of the factors at `max_rank`
         (computed at `max_rank`, then cut), so the factors at a rank hold every smaller rank.
         """
+
+    # -- data-aware factors ---------------------------------------------------------------------
+    def input_modes(self, site: Site) -> tuple[int, ...]:
+        """The modes the input index of one group's weight splits into for data-aware factors
+        (sizes, row-major; their product is in/groups·kh·kw for a convolution, in for a linear
+        layer): each mode is whitened by its own root (`ranksearch.calibration`) and held by
+        one factor, which `unwhiten` multiplies by the mode's inverse root. Raises
+        `NotAdmittedError` for a factorization that has no data-aware factors."""
+        raise NotAdmittedError(
+            f"{self.name!r} has no data-aware factors (it defines no input_modes); use "
+            "weight-only factors (data_aware=False)"
+        )
+
+    def unwhiten(self, factors: Factors, site: Site, whitening: Whitening) -> Factors:
+        """The factors of the whitened weight (`Whitening.apply`) made factors of the layer:
+        the factor holding each input mode multiplied by that mode's inverse root."""
+        raise NotAdmittedError(f"{self.name!r} has no data-aware factors")
+
+    def decompose_aware(
+        self, weight: torch.Tensor, site: Site, rank: Rank, whitening: Whitening, **options: Any
+    ) -> Factors:
+        """Data-aware factors of ``weight`` at ``rank``: `decompose` of the whitened weight,
+        un-whitened (`unwhiten`), in the weight's dtype and on its device. Where `decompose`
+        minimises the weight error, these minimise it in the metric of the calibration
+        statistics, the layer's output error on the calibration rows (exactly so when the
+        input index is one mode, as for svd; in the Kronecker-factored metric otherwise).
+
+        Sliceable methods define them, as `decompose` does, as the slice at ``rank`` of the
+        factors at `max_rank`; the others decompose at ``rank``.
+        """
+        at = self.max_rank(site) if self.sliceable else rank
+        whitened = self.decompose(whitening.apply(weight), site, at, **options)
+        factors = {key: f.to(device=weight.device, dtype=weight.dtype)
+                   for key, f in self.unwhiten(whitened, site, whitening).items()}
+        return self.slice(factors, site, rank) if self.sliceable else factors
 
     def slice(self, factors: Factors, site: Site, rank: Rank) -> Factors:
         """The factors at ``rank`` cut from the factors of a sliceable method at a larger rank.

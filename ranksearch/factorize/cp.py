@@ -52,6 +52,7 @@ from .base import (
 )
 
 if TYPE_CHECKING:
+    from ..calibration import Whitening
     from ..site import Site
 
 
@@ -84,6 +85,15 @@ class _CP(Factorization):
         return min(prod(shape) // max(shape), 4 * max(site.in_features, site.out_features))
 
     # -- numerics -------------------------------------------------------------------------------
+    def input_modes(self, site: Site) -> tuple[int, ...]:
+        return self.tensor_shape(site)[1:]  # in, then the kernel's mode(s)
+
+    def unwhiten(self, factors: Factors, site: Site, whitening: Whitening) -> Factors:
+        """Each input mode's factor times its inverse root, the components balanced again."""
+        out = factors[self.modes[0]].to(torch.float64)
+        mats = [out, *(whitening.undo(factors[m], 0, k) for k, m in enumerate(self.modes[1:]))]
+        return dict(zip(self.modes, _balance(out.new_ones(out.shape[1]), mats), strict=True))
+
     def decompose(self, weight: torch.Tensor, site: Site, rank: int, **options: Any) -> Factors:
         """CP factors of ``weight`` at ``rank``, on its dtype and device.
 

@@ -26,6 +26,7 @@ from .base import (
 )
 
 if TYPE_CHECKING:
+    from ..calibration import Whitening
     from ..site import Site
 
 LOWRANK_MIN_DIM = 2048  # randomized SVD when both matrix dims exceed this ...
@@ -194,6 +195,12 @@ class SVD(Factorization):
             Stage("expand", r * t + bias, r * t * p_out, mid * p_out, t * p_out, bias),
         ]
 
+    def input_modes(self, site: Site) -> tuple[int, ...]:
+        return (self._fan_in(site),)  # one mode: whitened by the whole moment, as SVD-LLM
+
+    def unwhiten(self, factors: Factors, site: Site, whitening: Whitening) -> Factors:
+        return {"left": factors["left"], "right": whitening.undo(factors["right"], -1, 0)}
+
     def decompose(self, weight: torch.Tensor, site: Site, rank: int, **options: Any) -> Factors:
         r = self.normalize_rank(site, rank)
         g, _, t_g = group_shape(site)
@@ -270,6 +277,15 @@ class SpatialSVD(Factorization):
             Stage("vertical", r * s * kh, r * s * kh * p_mid, s * p_in, r * p_mid),
             Stage("horizontal", r * t * kw + bias, r * t * kw * p_out, r * p_mid, t * p_out, bias),
         ]
+
+    def input_modes(self, site: Site) -> tuple[int, ...]:
+        kh, kw = site.kernel_size
+        return (site.in_features * kh, kw)  # the rows (s, i) of the matrix, and j
+
+    def unwhiten(self, factors: Factors, site: Site, whitening: Whitening) -> Factors:
+        right = factors["right"]  # r × (T·kw): its kw holds input mode j
+        j = whitening.undo(right.reshape(right.shape[0], site.out_features, -1), -1, 1)
+        return {"left": whitening.undo(factors["left"], 0, 0), "right": j.reshape(right.shape)}
 
     def decompose(self, weight: torch.Tensor, site: Site, rank: int, **options: Any) -> Factors:
         r = self.normalize_rank(site, rank)

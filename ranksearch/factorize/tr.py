@@ -37,6 +37,7 @@ from .tt import (
 )
 
 if TYPE_CHECKING:
+    from ..calibration import Whitening
     from ..site import Rank, Site
 
 
@@ -154,6 +155,15 @@ class TR(Factorization):
                 bias=last,
             ))
         return stages
+
+    def input_modes(self, site: Site) -> tuple[int, ...]:
+        return matrix_modes(site, self.modes)[0]  # core k holds input mode I_k
+
+    def unwhiten(self, factors: Factors, site: Site, whitening: Whitening) -> Factors:
+        out = dict(factors)
+        for k in range(len(whitening.modes)):  # every core's dim 1 is its input mode
+            out[f"core{k}"] = whitening.undo(factors[f"core{k}"], 1, k)
+        return out
 
     def decompose(self, weight: torch.Tensor, site: Site, rank: Rank, **options: Any) -> Factors:
         """TR-SVD (Zhao et al. 2016) at ``rank``: cores ``core0…`` of shape

@@ -30,6 +30,7 @@ from . import register
 from .base import Factorization, Factors, Stage, axis_kwargs, mid_size, pixels
 
 if TYPE_CHECKING:
+    from ..calibration import Whitening
     from ..site import Rank, Site
 
 
@@ -288,6 +289,17 @@ class TT(Factorization):
             Stage("2", r2 * kw * r3, r2 * kw * r3 * pout, r2 * pmid, r3 * pout),
             Stage("3", r3 * t + bias, r3 * t * pout, r3 * pout, t * pout, bias=bias),
         ]
+
+    def input_modes(self, site: Site) -> tuple[int, ...]:
+        if site.kind == "linear":
+            return matrix_modes(site, self.modes)[0]  # core k holds input mode I_k
+        return (site.in_features, *site.kernel_size)  # cores 0, 1, 2
+
+    def unwhiten(self, factors: Factors, site: Site, whitening: Whitening) -> Factors:
+        out = dict(factors)
+        for k in range(len(whitening.modes)):  # every core's dim 1 is its input mode
+            out[f"core{k}"] = whitening.undo(factors[f"core{k}"], 1, k)
+        return out
 
     def decompose(self, weight: torch.Tensor, site: Site, rank: Rank, **options: Any) -> Factors:
         """TT-SVD of the weight truncated at ``rank``; cores ``core0…``.

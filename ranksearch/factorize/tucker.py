@@ -12,6 +12,7 @@ from .base import Factorization, Factors, Stage, conv_kwargs, pixels
 from .svd import assemble, check_groups, factory, group_shape, grouped_reason, take, truncated_svd
 
 if TYPE_CHECKING:
+    from ..calibration import Whitening
     from ..site import Site
 
 
@@ -61,6 +62,16 @@ class Tucker2(Factorization):
             Stage("core", core, core * p_out, mid_in * p_in, mid_out * p_out),
             Stage("out", r_out * t + bias, r_out * t * p_out, mid_out * p_out, t * p_out, bias),
         ]
+
+    def input_modes(self, site: Site) -> tuple[int, ...]:
+        _, s, _ = group_shape(site)
+        return (s, site.kernel_size[0] * site.kernel_size[1])  # in: channels; core: kernel
+
+    def unwhiten(self, factors: Factors, site: Site, whitening: Whitening) -> Factors:
+        core = factors["core"]  # (g ×) r_out × r_in × kh × kw
+        kernel = whitening.undo(core.flatten(-2), -1, 1).reshape(core.shape)
+        return {"in": whitening.undo(factors["in"], -2, 0), "core": kernel,
+                "out": factors["out"]}
 
     def decompose(
         self, weight: torch.Tensor, site: Site, rank: tuple[int, int], **options: Any
