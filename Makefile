@@ -3,7 +3,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all examples bench bench-quality lint clean
+.PHONY: demo test test-all examples bench bench-quality bench-speed bench-data-aware \
+	bench-fidelity lint clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -39,6 +40,21 @@ bench: $(STAMP)
 bench-quality: $(STAMP)
 	$(BIN)/pip install --quiet tensorly-torch || echo "tensorly-torch not installed"
 	$(BIN)/python benchmarks/bench_quality.py
+
+# the README's speed section: latency search against FLOPs search, uniform ranks and
+# torch-pruning on VGG-16, ResNet-56 and a d=512 encoder, batch 1 and 64 (hours on 2 cores;
+# resumes from benchmarks/out/speed when interrupted)
+bench-speed: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[pruning]' || echo "torch-pruning not installed"
+	nice -n 10 $(BIN)/python benchmarks/bench_speed.py
+
+# the README's data-aware and proxy-fidelity tables: Fashion-MNIST, ResNet-20 and the small
+# VGG (hours on 2 cores; both resume from benchmarks/out when interrupted)
+bench-data-aware: $(STAMP)
+	nice -n 10 $(BIN)/python benchmarks/bench_data_aware.py
+
+bench-fidelity: $(STAMP)
+	nice -n 10 $(BIN)/python benchmarks/bench_fidelity.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -21,6 +21,9 @@ mean diagonal before its eigendecomposition, with eigenvalues clamped below: ran
 statistics (rank-1 inputs, channels that are always zero) give finite roots, and statistics
 that are a multiple of the identity give the identity (weight-only factors). A site whose
 inputs are all zero has no direction to prefer: its whitening is the identity too.
+
+`recalibrate_batchnorm` re-estimates the running statistics of a compressed model's BatchNorm
+layers on a few training batches, which the layers' new inputs no longer match.
 """
 
 from __future__ import annotations
@@ -151,9 +154,9 @@ def calibration_inputs(task: Task, batches: int, batch_size: int, seed: int = 0)
     ``seed``). Raises `TaskError` when the task has no training data or its batches are not
     ``(inputs, targets)`` pairs."""
     if task.train is None:
-        raise TaskError(f"task {task.name!r} has no training data: data-aware factors are "
-                        "fitted to the inputs of a few training batches; pass train=... or "
-                        "turn data_aware off")
+        raise TaskError(f"task {task.name!r} has no training data: data-aware factors and "
+                        "BatchNorm recalibration read the inputs of a few training batches; "
+                        "pass train=... or turn data_aware and bn_recalibrate off")
     found = list(islice(task.loader("train", batch_size, shuffle=True, seed=seed), batches))
     if not found:
         raise TaskError(f"task {task.name!r}: the training data gave no batches to calibrate on")
@@ -236,6 +239,43 @@ def _rows(module: nn.Module, x: Tensor) -> Tensor:
     return x.reshape(-1, features)
 
 
+def batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    """The BatchNorm layers of ``model`` that keep running statistics."""
+    return [m for m in model.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+
+
+def recalibrate_batchnorm(model: nn.Module, inputs: Iterable[Inputs],
+                          device: str | torch.device = "cpu") -> int:
+    """Re-estimate the running statistics of every BatchNorm layer of ``model`` (in place,
+    on ``device``) on ``inputs`` (batches of model inputs): each layer's statistics are reset
+    and set to the plain average over the batches of its batch mean and (unbiased) batch
+    variance (``momentum=None``), computed with the BatchNorm layers in train mode, every other
+    module in eval mode (no dropout), and no gradients. Each module's mode and momentum are
+    restored after. Returns the number of layers recalibrated (0, the model untouched, when it
+    has none or ``inputs`` is empty)."""
+    layers, inputs = batchnorms(model), list(inputs)
+    if not layers or not inputs:
+        return 0
+    modes = {m: m.training for m in model.modules()}
+    momenta = [m.momentum for m in layers]
+    try:
+        model.eval()
+        for m in layers:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        with torch.no_grad():
+            for x in inputs:
+                call(model, move(x, device))
+    finally:
+        for m, momentum in zip(layers, momenta, strict=True):
+            m.momentum = momentum
+        for m, training in modes.items():
+            m.train(training)
+    return len(layers)
+
+
 def _hookable(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in which each attention module calls its projections as modules
     (a `FactorizedAttention` with dense projections: the same computation), so that every
@@ -245,4 +285,5 @@ def _hookable(model: nn.Module) -> nn.Module:
     return clone_module(model, attention)
 
 
-__all__ = ["DAMP", "InputStats", "Whitening", "calibration_inputs", "collect", "partial_trace"]
+__all__ = ["DAMP", "InputStats", "Whitening", "batchnorms", "calibration_inputs", "collect",
+           "partial_trace", "recalibrate_batchnorm"]

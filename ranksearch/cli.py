@@ -250,13 +250,18 @@ def _proxy_options(p: argparse.ArgumentParser) -> None:
                        "the onnx extra)")
     timed.add_argument("--latency-batch", type=_number(int, 1), default=1,
                        help="samples per call the latency table times (default: 1)")
-    aware = p.add_argument_group("data-aware factors")
+    aware = p.add_argument_group("data-aware factors and BatchNorm recalibration")
     aware.add_argument("--data-aware", action="store_true",
                        help="fit the factors to each layer's inputs on a few training batches "
                        "(its output error), not to its weights alone; costs are unchanged")
     aware.add_argument("--calibration-batches", type=_number(int, 1), default=None,
                        help="training batches of --batch-size the statistics of --data-aware "
                        "are collected on (default: 8)")
+    aware.add_argument("--bn-recalibrate", type=_number(int, 0),
+                       default=ProxySettings.bn_recalibrate, metavar="N",
+                       help="re-estimate each candidate's BatchNorm statistics on N training "
+                       f"batches of --batch-size before scoring it (0: off; default: "
+                       f"{ProxySettings.bn_recalibrate})")
 
 
 def _space_options(p: argparse.ArgumentParser) -> None:
@@ -267,8 +272,9 @@ def _space_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exclude", type=_names, default=None, help="glob patterns of layer names")
     p.add_argument("--min-params", type=_number(int, 0), default=0,
                    help="skip layers with fewer weights")
-    p.add_argument("--multiple-of", type=_number(int, 1), default=1,
-                   help="round ranks to this multiple")
+    p.add_argument("--multiple-of", type=_multiple, default=1,
+                   help="round ranks to this multiple; 'auto' (search, with latency priced): "
+                   "per layer, the multiple its latency table finds fast")
     p.add_argument("--dearer", action="store_true",
                    help="also offer ranks that cost as much as the dense layer or more")
 
@@ -276,8 +282,14 @@ def _space_options(p: argparse.ArgumentParser) -> None:
 def space_spec(args: argparse.Namespace) -> SpaceSpec:
     """The space options of the command line."""
     return SpaceSpec(methods=args.methods, include=args.include, exclude=args.exclude,
-                     min_params=args.min_params, multiple_of=args.multiple_of,
+                     min_params=args.min_params,
+                     multiple_of=1 if args.multiple_of == "auto" else args.multiple_of,
                      dearer=args.dearer)
+
+
+def _multiple(text: str) -> int | str:
+    """--multiple-of: an integer ≥ 1, or "auto"."""
+    return text if text == "auto" else int(_number(int, 1)(text))
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -477,7 +489,8 @@ def cmd_search(args: argparse.Namespace) -> int:
                           backend=args.backend, latency_batch=args.latency_batch,
                           data_aware=args.data_aware,
                           calibration_batches=args.calibration_batches
-                          or ProxySettings.calibration_batches)
+                          or ProxySettings.calibration_batches,
+                          bn_recalibrate=args.bn_recalibrate)
     if ray.get("gpus_per_trial", 0) > 0 and str(proxy.device).lower() == "cpu":
         raise RankSearchError("--gpus-per-trial reserves GPUs but the proxy runs on cpu; "
                               "add --device cuda")
@@ -493,6 +506,7 @@ def cmd_search(args: argparse.Namespace) -> int:
         time_limit=args.time_limit, executor=args.executor, executor_options=ray,
         store=args.store, study=args.study,
         out=args.out, seed=args.seed, proxy=proxy, space=space_spec(args),
+        multiple_of="auto" if args.multiple_of == "auto" else 1,
         retry_failed=args.retry_failed, share_results=args.share_results,
         progress=not args.no_progress, isolate=args.isolate, trial_timeout=args.trial_timeout,
         meta={"task_spec": args.task, "data": args.data, "model": args.model},

@@ -20,7 +20,13 @@ from torch import nn
 
 from . import options as check
 from .cache import FactorCache
-from .calibration import InputStats, calibration_inputs, collect
+from .calibration import (
+    InputStats,
+    batchnorms,
+    calibration_inputs,
+    collect,
+    recalibrate_batchnorm,
+)
 from .config import Config
 from .cost import CostModel
 from .errors import CandidateFailed, RankSearchError, TaskError
@@ -69,6 +75,11 @@ class ProxySettings:
     fitted to the layer inputs of ``calibration_batches`` training batches of ``batch_size``
     (shuffled with ``seed``), collected once per evaluator on ``device``, so that truncation
     minimises each layer's output error rather than its weight error; the costs are the same.
+    ``bn_recalibrate=N`` (default 8; 0: off) re-estimates the running statistics of every
+    BatchNorm layer of each candidate, as built and before any fine-tuning, on N training
+    batches of ``batch_size`` (shuffled with ``seed``, the same batches for every candidate;
+    `ranksearch.calibration.recalibrate_batchnorm`); a model without BatchNorm is unchanged
+    and needs no training data for it.
     """
 
     steps: int = 0
@@ -91,6 +102,7 @@ class ProxySettings:
     latency_batch: int = 1
     data_aware: bool = False
     calibration_batches: int = 8
+    bn_recalibrate: int = 8
 
     def __post_init__(self) -> None:
         """Check every field (an `OptionError` naming it), and canonicalize ``device``."""
@@ -98,7 +110,7 @@ class ProxySettings:
         for name, low in (("steps", 0), ("batch_size", 1), ("eval_batch_size", 1),
                           ("report_every", 1), ("seed", 0), ("latency_repeats", 1),
                           ("latency_batch", 1),
-                          ("calibration_batches", 1)):
+                          ("calibration_batches", 1), ("bn_recalibrate", 0)):
             check.integer(getattr(self, name), name, who, low)
         check.integer(self.eval_batches, "eval_batches", who, 1, optional=True)
         for name in ("lr", "temperature"):
@@ -115,6 +127,8 @@ class ProxySettings:
 
     def describe(self) -> str:
         aware = f", data-aware ({self.calibration_batches} batches)" if self.data_aware else ""
+        if self.bn_recalibrate:
+            aware += f", BN recalibrated ({self.bn_recalibrate} batches)"
         if self.steps == 0:
             return f"zero-shot{aware}"
         kd = f", kd {self.distill}" if self.distill else ""
@@ -123,13 +137,16 @@ class ProxySettings:
 
     def to_json(self) -> dict[str, Any]:
         """Every setting that decides a score: the latency table's settings only when
-        latency is priced, the calibration's only when data-aware (so settings stored before
-        those options existed still match)."""
+        latency is priced, the calibration's only when data-aware, BatchNorm recalibration only
+        when on (so settings stored before those options existed, measured without them,
+        still match settings that turn them off; the default recalibrates, so it does not)."""
         data = asdict(self)
         if not self.latency:
             del data["backend"], data["latency_batch"]
         if not self.data_aware:
             del data["data_aware"], data["calibration_batches"]
+        if not self.bn_recalibrate:
+            del data["bn_recalibrate"]
         return data
 
 
@@ -185,6 +202,9 @@ class Evaluator:
                 f" but the proxy settings have data_aware={settings.data_aware}; make the cache "
                 "with the statistics the settings ask for, or leave it to the evaluator")
         self.cache = cache or FactorCache(model, self.space, self._calibrate(progress))
+        self._bn_inputs = calibration_inputs(
+            task, settings.bn_recalibrate, settings.batch_size, settings.seed
+        ) if settings.bn_recalibrate and batchnorms(model) else []
         self.costs = CostModel(self.space)
         self._val = [] if task.val is None else _batches(
             task, "val", settings.eval_batch_size, settings.eval_batches)
@@ -241,8 +261,11 @@ class Evaluator:
         return self.candidate(result.config)[0].eval()
 
     def build(self, config: Config) -> nn.Module:
-        """``config`` built from the factor cache, on the proxy's device, nothing trained."""
-        return compress(self.model, config, cache=self.cache).to(self.settings.device)
+        """``config`` built from the factor cache, on the proxy's device, with its BatchNorm
+        statistics re-estimated when the settings ask (``bn_recalibrate``), nothing trained."""
+        built = compress(self.model, config, cache=self.cache).to(self.settings.device)
+        recalibrate_batchnorm(built, self._bn_inputs, self.settings.device)
+        return built
 
     def weights_path(self, config: Config) -> Path:
         """Where the kept weights of ``config`` are written (``keep`` must be set)."""

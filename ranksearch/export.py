@@ -149,7 +149,9 @@ def scored_model(
         raise StoreError(f"study {study!r} does not record its space and proxy settings; run "
                          "the search again with this version to export from it")
     space = SpaceSpec.from_json(meta["space"]).discover(model, task.example_input())
-    evaluator = Evaluator(model, task, ProxySettings(**meta["proxy"]), space)
+    # no stored bn_recalibrate means off (to_json leaves 0 out, older stores have none)
+    proxy = ProxySettings(**{"bn_recalibrate": 0, **meta["proxy"]})
+    evaluator = Evaluator(model, task, proxy, space)
     stored = read_fingerprint(url, study)
     if stored is not None:
         differences = evaluator.fingerprint.differences(stored)

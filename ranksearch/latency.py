@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import statistics
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
@@ -165,6 +166,7 @@ class LatencyTable:
         self._whole = f"model/{model_signature(model, example_input)}"
         self._seconds: dict[tuple[str, Choice], float] = {}
         self._rest: float | None = None
+        self._pid = os.getpid()  # a forked child (an isolated evaluation) prices, never times
         self.measured = 0
 
     def __getstate__(self) -> dict[str, Any]:
@@ -294,10 +296,11 @@ class LatencyTable:
         self._rest = None
 
     def _check_local(self) -> None:
-        if self._book is None:
+        if self._book is None or os.getpid() != self._pid:
             raise RankSearchError(
                 "this latency table was copied to another process, where it cannot time "
-                "layers; build it (LatencyTable.build) before handing it on")
+                "layers (its times are those of the process that made it, on its threads); "
+                "build it (LatencyTable.build) before handing it on")
 
     # -- fast ranks -----------------------------------------------------------------------------
     def fast_multiple(self, name: str, method: str, multiples: Iterable[int] = (2, 4, 8, 16, 32),
@@ -346,16 +349,33 @@ class LatencyTable:
         return out
 
 
+#: The rank multiples `snap_space` tries.
+MULTIPLES = (2, 4, 8, 16, 32)
+
+
+def snap_space(table: LatencyTable, multiples: Iterable[int] = MULTIPLES) -> RankSpace:
+    """``table.space`` with each site's grid of each method rounded to the multiple that runs
+    fast there (`LatencyTable.fast_multiple`, its grid timed first where the table lacks it),
+    recorded in the spec's ``rank_multiples`` (so in the fingerprint); sites where no
+    multiple is faster keep theirs. Time the snapped space's grids with a table of it."""
+    space = table.space
+    found = tuple((site.name, method, m) for site in space.decomposable for method in site.methods
+                  if (m := table.fast_multiple(site.name, method, tuple(multiples))) > 1)
+    return replace(space, spec=replace(space.spec, rank_multiples=found), _grids={})
+
+
 def needs_latency(names: Iterable[str]) -> bool:
     """Whether any of the metric names (of constraints and objectives) is latency."""
     return any(n.removesuffix("_ratio") == "latency" for n in names)
 
 
 __all__ = [
+    "MULTIPLES",
     "Book",
     "LatencyTable",
     "MemoryBook",
     "model_signature",
     "needs_latency",
     "site_signature",
+    "snap_space",
 ]

@@ -4,7 +4,11 @@ compressing.
 - `DigitsCNN`: a small CNN for the scikit-learn digits (input N×1×8×8).
 - `resnet20`: the CIFAR ResNet-20 of He et al. (2016) with option-A shortcuts (input N×C×H×W,
   e.g. 1×28×28 or 3×32×32).
+- `resnet56`: the CIFAR ResNet-56 of the same paper (same inputs).
 - `vgg_small`: a small VGG with batch norm (same inputs as `resnet20`).
+- `VGG16` / `vgg16`: the CIFAR-style VGG-16 with batch norm (same inputs).
+- `PatchEncoder` / `encoder512`: a transformer encoder classifier of width 512 on 7×7 image
+  patches (input N×C×28×28 or N×C×32×32).
 - `GPT` / `gpt_tiny`: a small decoder-only byte-level language model (input B×T token ids,
   output B×T×vocab logits).
 
@@ -24,14 +28,19 @@ from .errors import UnknownModelError
 __all__ = [
     "GPT",
     "MODELS",
+    "VGG16",
     "BasicBlock",
     "DigitsCNN",
     "GPTBlock",
+    "PatchEncoder",
     "ResNet",
     "VGGSmall",
     "build_model",
+    "encoder512",
     "gpt_tiny",
     "resnet20",
+    "resnet56",
+    "vgg16",
     "vgg_small",
 ]
 
@@ -166,6 +175,14 @@ def resnet20(in_channels: int = 3, num_classes: int = 10) -> ResNet:
     return ResNet(3, in_channels=in_channels, num_classes=num_classes)
 
 
+def resnet56(in_channels: int = 3, num_classes: int = 10) -> ResNet:
+    """ResNet-56 for CIFAR-10 / Fashion-MNIST: 3 stages × 9 basic blocks, 55 convolutions + 1
+    linear layer, option-A shortcuts, 16/32/64 channels; 853,018 parameters for 3 input
+    channels and 10 classes (the published 0.85M). Input N×in_channels×H×W, output
+    N×num_classes."""
+    return ResNet(9, in_channels=in_channels, num_classes=num_classes)
+
+
 class VGGSmall(nn.Module):
     """A small VGG: 64-64-M-128-128-M-256-256-M (3×3 convolutions with batch norm and ReLU, 2×2
     max pools), global average pooling, then Linear 256 → 256 → num_classes.
@@ -198,6 +215,89 @@ class VGGSmall(nn.Module):
 def vgg_small(in_channels: int = 3, num_classes: int = 10) -> VGGSmall:
     """`VGGSmall` with ``in_channels`` input channels and ``num_classes`` outputs."""
     return VGGSmall(in_channels=in_channels, num_classes=num_classes)
+
+
+#: VGG-16's convolution widths, "M" a 2×2 max pool (Simonyan & Zisserman 2015, configuration D)
+VGG16_LAYERS: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M",
+                                       512, 512, 512, "M", 512, 512, 512, "M")
+
+
+class VGG16(nn.Module):
+    """CIFAR-style VGG-16 with batch norm: the 13 3×3 convolutions of configuration D (64–512
+    channels, each with batch norm and ReLU), five 2×2 max pools, then the usual CIFAR head, a
+    single Linear 512 → num_classes; the convolutions have no bias (batch norm follows):
+    14,724,042 parameters for 3 channels and 10 classes (the published 14.7M).
+
+    The pools round up (``ceil_mode``), so that 28×28 inputs (Fashion-MNIST) go
+    28 → 14 → 7 → 4 → 2 → 1 as 32×32 ones go 32 → 16 → 8 → 4 → 2 → 1; an adaptive average
+    pool to 1×1 then takes larger inputs too. Input N×in_channels×H×W with H, W ≥ 1; output
+    N×num_classes logits.
+    """
+
+    def __init__(self, in_channels: int = 3, num_classes: int = 10) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for width in VGG16_LAYERS:
+            if width == "M":
+                layers.append(nn.MaxPool2d(2, ceil_mode=True))
+            else:
+                layers += _conv_bn_relu(channels, int(width))
+                channels = int(width)
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(channels, num_classes))
+        for module in self.modules():
+            if isinstance(module, nn.Conv2d):
+                nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """N×C×H×W → N×num_classes."""
+        return self.classifier(self.features(x))
+
+
+def vgg16(in_channels: int = 3, num_classes: int = 10) -> VGG16:
+    """`VGG16` with ``in_channels`` input channels and ``num_classes`` outputs."""
+    return VGG16(in_channels=in_channels, num_classes=num_classes)
+
+
+class PatchEncoder(nn.Module):
+    """A transformer encoder classifier on image patches (ViT-style, without a class token):
+    a ``patch``×``patch`` convolution of stride ``patch`` embeds the image as tokens of width
+    ``dim`` (28×28 or 32×32 images with patch 7: 4×4 = 16 tokens), plus a learned position
+    embedding of ``tokens`` positions; ``layers`` post-norm `nn.TransformerEncoderLayer`s
+    (``heads`` heads, MLP ``dim`` → ``mlp`` → ``dim``, GELU, batch first); a layer norm, the
+    mean over tokens and a linear head.
+
+    Input N×in_channels×H×W with (H // patch)·(W // patch) ≤ ``tokens``; output N×num_classes.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, dim: int = 512,
+                 layers: int = 2, heads: int = 8, mlp: int = 2048, patch: int = 7,
+                 tokens: int = 16, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(in_channels, dim, patch, stride=patch)
+        self.pos = nn.Parameter(torch.zeros(1, tokens, dim))
+        nn.init.normal_(self.pos, std=0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, mlp, dropout=dropout, activation="gelu",
+                                           batch_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """N×C×H×W → N×num_classes."""
+        tokens = self.embed(x).flatten(2).transpose(1, 2)  # N × T × dim
+        if tokens.shape[1] > self.pos.shape[1]:
+            raise ValueError(f"{tuple(x.shape[-2:])} images make {tokens.shape[1]} patches, "
+                             f"more than the {self.pos.shape[1]} positions of the encoder")
+        h = self.encoder(tokens + self.pos[:, : tokens.shape[1]])
+        return self.head(self.norm(h).mean(dim=1))
+
+
+def encoder512(in_channels: int = 1, num_classes: int = 10) -> PatchEncoder:
+    """A 2-layer `PatchEncoder` of width 512: 8 heads, MLP 512 → 2048 → 512, 7×7 patches (16
+    tokens of a 28×28 or 32×32 image); 6,344,714 parameters for 1 channel and 10 classes."""
+    return PatchEncoder(in_channels=in_channels, num_classes=num_classes)
 
 
 class GPTBlock(nn.Module):
@@ -270,9 +370,12 @@ def _digits_cnn(in_channels: int = 1, num_classes: int = 10) -> DigitsCNN:
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "digits-cnn": _digits_cnn,
+    "encoder512": encoder512,
     "gpt-tiny": gpt_tiny,
     "resnet20": resnet20,
+    "resnet56": resnet56,
     "vgg-small": vgg_small,
+    "vgg16": vgg16,
 }
 
 

@@ -22,7 +22,7 @@ from .errors import ConfigError, ConstraintUnreachableError, RankSearchError
 from .evaluate import Evaluator, ProxySettings
 from .executors import Executor, get_executor
 from .fingerprint import Fingerprint
-from .latency import LatencyTable, needs_latency
+from .latency import LatencyTable, needs_latency, snap_space
 from .loop import SearchLoop, Termination
 from .pareto import Objective, best, front, hypervolume, knee, parse_objectives, reference_point
 from .result import Result
@@ -112,7 +112,7 @@ def search(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     min_params: int = 0,
-    multiple_of: int = 1,
+    multiple_of: int | str = 1,
     dearer: bool = False,
     retry_failed: bool = False,
     share_results: bool = False,
@@ -169,6 +169,8 @@ def search(
     bar) and kept in the store, so later searches on the same machine reuse it; nothing is
     timed per candidate. Every front point is then timed end to end against the dense model
     (``latency_measured``, ``latency_measured_ratio`` in its metrics, recorded with the study).
+    With latency priced, ``multiple_of="auto"`` rounds each site's ranks to the multiple that
+    the table finds fast there (`ranksearch.latency.snap_space`).
 
     Before anything is written, the task is checked against the dense model on the proxy's
     device (`ranksearch.checks.check_task`); its metric and loss are in ``meta["dense"]``.
@@ -189,7 +191,13 @@ def search(
     timing = Timing(backend=proxy.backend, batch_size=proxy.latency_batch, device=proxy.device,
                     repeats=proxy.latency_repeats) if proxy.latency else None
     strat = load_strategy(strategy, strategy_options)
-    given = SpaceSpec(methods, include, exclude, min_params, multiple_of, dearer=dearer)
+    snap = multiple_of == "auto"
+    if snap and timing is None:
+        raise ConfigError("multiple_of='auto' reads the fast rank multiples off the latency "
+                          "table; add a latency constraint or objective, or give an integer "
+                          "multiple_of")
+    given = SpaceSpec(methods, include, exclude, min_params, 1 if snap else multiple_of,
+                      dearer=dearer)  # type: ignore[arg-type]
     if isinstance(space, RankSpace):
         if given != SpaceSpec():
             raise ConfigError(
@@ -209,8 +217,11 @@ def search(
     url = store or default_url(out)
     table = None
     if timing is not None:
-        table = LatencyTable(model, space, task.example_input(timing.batch_size), timing,
-                             latency_book(url))
+        example = task.example_input(timing.batch_size)
+        if snap:  # the grids timed on the table of the given space, then the snapped one's
+            space = snap_space(LatencyTable(model, space, example, timing, latency_book(url)))
+            evaluator = Evaluator(model, task, proxy, space, progress=progress)
+        table = LatencyTable(model, space, example, timing, latency_book(url))
         table.build(progress)
         costs = CostModel(space, latency=table)
         evaluator.price_latency(table)

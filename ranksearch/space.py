@@ -54,6 +54,9 @@ class SpaceSpec:
     Ranks are rounded to ``multiple_of``, at least ``min_rank``, at most ``max_choices`` per
     site and method. ``dearer``: also offer ranks that cost as much as the dense layer or more
     in both parameters and MACs (off by default: such a choice is never worth building).
+    ``rank_multiples``: ``(site, method, multiple)`` triples that round that site's ranks of
+    that method to ``multiple`` instead of ``multiple_of`` (`ranksearch.latency.snap_space`
+    reads them off a latency table).
     """
 
     methods: tuple[str, ...] | tuple[tuple[str, tuple[str, ...]], ...] | None = None
@@ -64,6 +67,7 @@ class SpaceSpec:
     min_rank: int = 1
     max_choices: int = 64
     dearer: bool = False
+    rank_multiples: tuple[tuple[str, str, int], ...] = ()
 
     def __post_init__(self) -> None:
         methods = self.methods
@@ -85,6 +89,18 @@ class SpaceSpec:
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"space option {key} must be an integer ≥ {low}, got {value!r}")
         _methods_by_kind(self.method_map())  # unknown names raise here
+        multiples = tuple(tuple(t) for t in self.rank_multiples)
+        for t in multiples:
+            if (len(t) != 3 or not all(isinstance(v, str) for v in t[:2])
+                    or isinstance(t[2], bool) or not isinstance(t[2], int) or t[2] < 1):
+                raise ConfigError(f"space option rank_multiples takes (site, method, multiple) "
+                                  f"triples with an integer multiple ≥ 1, got {t!r}")
+        object.__setattr__(self, "rank_multiples", multiples)
+
+    def multiple(self, name: str, method: str) -> int:
+        """The multiple that ranks of ``method`` on site ``name`` are rounded to."""
+        found = (m for site, meth, m in self.rank_multiples if (site, meth) == (name, method))
+        return next(found, self.multiple_of)
 
     def method_map(self) -> Mapping[str, Sequence[str]] | Sequence[str] | None:
         """``methods`` in the form `RankSpace.discover` reads."""
@@ -96,6 +112,8 @@ class SpaceSpec:
         data = asdict(self)
         if self.methods and not isinstance(self.methods[0], str):
             data["methods"] = {k: list(v) for k, v in self.methods}  # type: ignore[misc]
+        if not self.rank_multiples:  # left out, so spaces without them keep their signature
+            del data["rank_multiples"]
         return data
 
     @classmethod
@@ -262,7 +280,8 @@ class RankSpace:
                     f"method {method!r} is not in the space for layer {name!r}; "
                     f"its methods are {list(site.methods)}"
                 )
-            grid = _grid(fac.max_rank(site), self.multiple_of, self.min_rank, self.max_choices)
+            grid = _grid(fac.max_rank(site), self.spec.multiple(name, method), self.min_rank,
+                         self.max_choices)
             if not self.spec.dearer:
                 grid = tuple(r for r in grid if cheaper(site, method, r)) or grid[:1]
             self._grids[key] = grid

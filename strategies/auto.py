@@ -24,15 +24,15 @@ class Auto(Strategy):
     analytic sweeps first, then refinement of the front interleaved with TPE.
 
     Without cost constraints, when its probes (the dense model and one per site) take at
-    most ``analytic`` of the budget: `Sensitivity` with its refinement, which is ahead of
-    every other strategy at every budget there on the exhaustive benchmark (under a cost
+    most ``probes`` of the budget: `Sensitivity` with its refinement, which is ahead of every
+    other strategy at every budget there on the exhaustive benchmark (under a cost
     constraint most of its probes are infeasible, so it is not used).
 
-    Otherwise phase one: the dense model where it meets the constraints, then the first
-    config of each data-free sweep in ``sweeps`` (PCA energy, the ALDS error bound, VBMF:
-    each traces a front under the cost constraints from layer spectra alone), then the rest
-    of the sweeps, the one whose first config scored best first, duplicates once, for
-    ``analytic`` of the budget in all. Phase two, for the rest of the budget:
+    Otherwise phase one, ``analytic`` of the budget (at least 4 evaluations): the dense model
+    where it meets the constraints, then the first config of each data-free sweep in
+    ``sweeps`` (PCA energy, the ALDS error bound, VBMF: each traces a front under the cost
+    constraints from layer spectra alone), then the rest of the sweeps, the one whose first
+    config scored best first, duplicates once. Phase two, for the rest of the budget:
     `ranksearch.refine.Refiner` proposals (unevaluated feasible neighbours of the front, by
     estimated hypervolume gain, with one-up-one-down swaps under cost constraints, then
     feasible configs at random), every ``tpe_every``-th ask instead a TPE proposal
@@ -45,10 +45,11 @@ class Auto(Strategy):
     description = ("sensitivity probes (unconstrained) or analytic sweeps, then refinement of "
                    "the front and TPE, for the whole budget")
 
-    def __init__(self, analytic: float = 0.25, sweeps: str | Sequence[str] = SWEEPS,
-                 tpe_every: int = 3) -> None:
+    def __init__(self, analytic: float = 0.0625, sweeps: str | Sequence[str] = SWEEPS,
+                 tpe_every: int = 3, probes: float = 0.25) -> None:
         who = self.name
         self.analytic = options.fraction(analytic, "analytic", who)
+        self.probes = options.fraction(probes, "probes", who)
         self.sweeps = options.names(sweeps, "sweeps", who)
         self.tpe_every = options.integer(tpe_every, "tpe_every", who, 0)
 
@@ -67,9 +68,10 @@ class Auto(Strategy):
 
     def _sensitivity(self) -> Strategy | None:
         """Without cost constraints, the sensitivity strategy (its probes are the most
-        informative first evaluations there), when its probes take at most ``analytic`` of
+        informative first evaluations there), when its probes take at most ``probes`` of
         the budget; None otherwise (under cost constraints most probes are infeasible)."""
-        if self.ctx.cost_constraints() or 1 + len(self.ctx.space.decomposable) > self._share:
+        probes = 1 + len(self.ctx.space.decomposable)
+        if self.ctx.cost_constraints() or probes > self.probes * self.ctx.evaluations:
             return None
         try:
             inner = load_strategy("sensitivity", {"refine": True})

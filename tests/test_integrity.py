@@ -51,8 +51,17 @@ def test_every_proxy_setting_weight_data_and_space_option_changes_the_fingerprin
         other = fingerprint(digits_model, digits, dataclasses.replace(ZERO, **{key: value}), space)
         assert other.digest != base.digest, key
         assert any(key in d for d in other.differences(base)), (key, other.differences(base))
-    for field in dataclasses.fields(ProxySettings):  # no setting is left out
-        assert field.name in base.settings["proxy"]
+    # no setting is left out: those of latency and calibration whenever they are on
+    both = dataclasses.replace(ZERO, latency=True, data_aware=True)
+    on = fingerprint(digits_model, digits, both, space).settings["proxy"]
+    assert {f.name for f in dataclasses.fields(ProxySettings)} <= set(on)
+    off = {f.name for f in dataclasses.fields(ProxySettings)} - set(base.settings["proxy"])
+    assert off == {"backend", "latency_batch", "data_aware", "calibration_batches"}
+    for key, value in {"backend": "channels_last", "latency_batch": 8,
+                       "calibration_batches": 3}.items():
+        other = fingerprint(digits_model, digits, dataclasses.replace(both, **{key: value}),
+                            space)
+        assert other.digest != fingerprint(digits_model, digits, both, space).digest, key
     weights = ranksearch.surgery.clone_module(digits_model)
     with torch.no_grad():
         weights.classifier[3].bias[0] += 1e-6

@@ -3,6 +3,7 @@ sum; latency-constrained searches that never propose a config over budget by the
 front timed end to end; backends and their errors."""
 
 import json
+import os
 import pickle
 import sys
 from dataclasses import replace
@@ -16,16 +17,16 @@ import ranksearch
 from ranksearch.config import DENSE, Choice, Config
 from ranksearch.constraints import parse_constraints
 from ranksearch.cost import CostModel
-from ranksearch.errors import OptionError, RankSearchError
+from ranksearch.errors import ConfigError, OptionError, RankSearchError
 from ranksearch.evaluate import ProxySettings
 from ranksearch.export import scored_model
-from ranksearch.latency import LatencyTable, MemoryBook, site_signature
+from ranksearch.latency import LatencyTable, MemoryBook, site_signature, snap_space
 from ranksearch.ledger import read_latency
 from ranksearch.pareto import Objective
 from ranksearch.population import site_choices
 from ranksearch.report import front_table, prediction_line
 from ranksearch.space import RankSpace, SpaceSpec
-from ranksearch.store import latency_book, open_storage, read_study
+from ranksearch.store import latency_book, open_storage, read_study, space_signature
 from ranksearch.strategy import Proposal, SearchContext, load_strategy
 from ranksearch.task import Task
 from ranksearch.timing import Timing
@@ -190,6 +191,34 @@ def test_a_pickled_table_prices_what_it_holds_and_times_nothing(net, space):
         copy.price(Config({"wide1": Choice("svd", space.ranks("wide1", "svd")[-1])}))
 
 
+def test_a_forked_copy_of_a_table_prices_but_never_times(net, space):
+    """An isolated evaluation is a fork of the search's process: it prices from the entries
+    the parent timed and refuses to time more (its thread count is not the table's)."""
+    lazy = table(net, space)
+    wide = Config({"wide1": Choice("svd", space.ranks("wide1", "svd")[0])})
+    price = lazy.price(wide)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what it could do, and leave without pytest's teardown
+        code = 1
+        try:
+            if lazy.price(wide) == price:
+                try:
+                    lazy.price(Config({"wide1": Choice("svd", space.ranks("wide1", "svd")[-1])}))
+                    code = 2
+                except RankSearchError as e:
+                    code = 0 if "copied to another process" in str(e) else 3
+        finally:
+            os.write(write, bytes([code]))
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    assert os.read(read, 1) == bytes([0])
+    assert lazy.measured == 4  # the parent itself still times what it lacks
+    lazy.price(Config({"wide1": Choice("svd", space.ranks("wide1", "svd")[-1])}))
+    assert lazy.measured == 5
+
+
 def test_keys_differ_by_backend_batch_and_threads(net, space):
     timings = [FAST, replace(FAST, backend="channels_last"), replace(FAST, threads=2),
                replace(FAST, repeats=4)]
@@ -244,6 +273,59 @@ def test_the_fast_rank_multiple_is_read_off_the_table(fast, expected):
     assert kept.fast_multiple("0", "svd") == expected
 
 
+@pytest.mark.parametrize("fast", [8, 4])
+def test_snap_space_rounds_the_grid_to_the_planted_fast_multiple(fast):
+    model = nn.Sequential(nn.Linear(64, 64)).eval()
+    space = RankSpace.discover(model, torch.zeros(1, 64))
+    kept = LatencyTable(model, space, torch.zeros(1, 64), replace(FAST, batch_size=1),
+                        Planted(fast))
+    snapped = snap_space(kept)
+    assert snapped.spec.rank_multiples == (("0", "svd", fast),)
+    ranks = snapped.ranks("0", "svd")
+    assert ranks == tuple(range(fast, 32, fast))  # rank 32 costs the dense layer: left out
+    assert space.ranks("0", "svd") == tuple(range(1, 32))  # the given space is unchanged
+    assert space_signature(snapped) != space_signature(space)  # so is its fingerprint
+    assert RankSpace.from_json(snapped.to_json()).ranks("0", "svd") == ranks
+
+
+def test_snap_space_keeps_the_grid_where_no_multiple_is_faster():
+    model = nn.Sequential(nn.Linear(64, 64)).eval()
+    space = RankSpace.discover(model, torch.zeros(1, 64))
+    kept = LatencyTable(model, space, torch.zeros(1, 64), replace(FAST, batch_size=1),
+                        Planted(1))  # every factorized entry 1 s
+    snapped = snap_space(kept)
+    assert snapped.spec.rank_multiples == ()
+    assert snapped.ranks("0", "svd") == space.ranks("0", "svd")
+    assert space_signature(snapped) == space_signature(space)
+
+
+def test_a_search_with_multiple_of_auto_searches_the_snapped_grid(monkeypatch):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4)).eval()
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64, 64, generator=g), torch.randint(0, 4, (64,), generator=g)
+    small = Task("small", TensorDataset(x[:48], y[:48]), TensorDataset(x[48:], y[48:]),
+                 input_shape=(64,), num_classes=4)
+    book = Planted(8)
+    monkeypatch.setattr(sys.modules["ranksearch.search"], "latency_book", lambda url: book)
+    sr = ranksearch.search(model, small, strategy="uniform", objectives=["accuracy", "latency"],
+                           strategy_options={"points": [0.5, 0.25]}, evaluations=2,
+                           store="memory", proxy=replace(PROXY, latency_batch=1),
+                           multiple_of="auto", include=["0"])
+    assert sr.space.spec.rank_multiples == (("0", "svd", 8),)
+    grid = sr.space.ranks("0", "svd")
+    assert grid == (8, 16, 24)
+    ranks = [r.config["0"].rank for r in sr.results if "0" in r.config]
+    assert ranks and all(r in grid for r in ranks)
+    assert [tuple(t) for t in sr.meta["space"]["rank_multiples"]] == [("0", "svd", 8)]
+
+
+def test_multiple_of_auto_needs_latency_priced(net, task):
+    with pytest.raises(ConfigError, match=r"multiple_of='auto'.*latency"):
+        ranksearch.search(net, task, strategy="uniform", constraints=["flops<=0.5"],
+                          evaluations=1, store="memory", multiple_of="auto")
+
+
 # -- backends ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("backend", ["channels_last", "onnx"])
 def test_other_backends_time_layers_and_models(backend):
@@ -288,6 +370,17 @@ def test_the_command_line_takes_a_backend_and_a_latency_batch(capsys):
     with pytest.raises(SystemExit) as stop:
         _parser().parse_args(["search", "--backend", "tvm"])
     assert stop.value.code == 2 and "channels_last" in capsys.readouterr().err
+
+
+def test_the_command_line_takes_multiple_of_auto(capsys):
+    from ranksearch.cli import _parser, space_spec
+
+    args = _parser().parse_args(["search", "--multiple-of", "auto"])
+    assert args.multiple_of == "auto" and space_spec(args).multiple_of == 1
+    assert space_spec(_parser().parse_args(["search", "--multiple-of", "8"])).multiple_of == 8
+    with pytest.raises(SystemExit) as stop:
+        _parser().parse_args(["search", "--multiple-of", "0"])
+    assert stop.value.code == 2 and "integer ≥ 1" in capsys.readouterr().err
 
 
 def test_onnxruntime_missing_is_refused_before_anything_is_written(net, task, tmp_path,
@@ -442,3 +535,22 @@ def test_export_writes_the_model_for_its_backend(tmp_path, backend):
         state = torch.load(path, weights_only=True)["state_dict"]
         conv = next(v for v in state.values() if v.dim() == 4 and v.shape[-1] == 3)
         assert conv.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_an_isolated_latency_search_times_in_the_parent_on_its_threads(net, task, tmp_path):
+    """Evaluations run in forked children, which price from the table the parent timed on
+    its two threads; the front is timed end to end in the parent."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        sr = ranksearch.search(net, task, strategy="uniform", objectives=["accuracy", "latency"],
+                               strategy_options={"points": [0.5, 0.1]}, evaluations=2,
+                               out=str(tmp_path), proxy=PROXY, space=SPEC, isolate=True)
+    finally:
+        torch.set_num_threads(before)
+    kept = sr.costs.latency_table
+    assert kept.key["threads"] == 2 and kept.measured == every_entry(sr.space)
+    assert len(sr.results) == 2 and all(r.ok for r in sr.results)
+    for r in sr.results:
+        assert r.metrics["latency"] == pytest.approx(kept.price(r.config))
+    assert all(r.metrics["latency_measured"] > 0 for r in sr.front())

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
-
 from ..errors import ConfigError
 from ..result import Result
 from . import DONE, WAIT, Evaluate, Loop, Work, failed_result, sigterm_interrupts
@@ -20,11 +18,13 @@ class LocalExecutor:
     ``isolate`` runs each evaluation in a forked child process (`IsolatedEvaluator`), so
     that a candidate that crashes the process, calls ``os._exit`` or hangs is stored as failed
     with the reason and the search goes on. None (the default) turns it on wherever it can
-    fork: on Linux, with a CPU proxy, unless the proxy times latency on several threads
-(measured on digits zero-shot: 6–8 ms, 13%, more per
+    fork: on Linux, with a CPU proxy (measured on digits zero-shot: 6–8 ms, 13%, more per
     evaluation, and 0.13 s per child started). The child runs torch on one thread (a warning
-    says so when this process uses more); ``isolate=False`` keeps every thread. Without
-    isolation an exception is still a failed result, but a crash or a hang ends the search.
+    says so when this process uses more); ``isolate=False`` keeps every thread. A latency
+    search isolates too: its latency table is timed in this process, on its threads, before
+    the first evaluation, and its front end to end after the last, so a child only prices
+    from the table. Without isolation an exception is still a failed result, but a crash or a
+    hang ends the search.
 
     ``trial_timeout`` (seconds) fails an evaluation that runs longer; it needs isolation
     (None turns it on; with ``isolate=False`` it is an error). The search's time limit holds
@@ -46,20 +46,10 @@ class LocalExecutor:
 
     def isolated(self, evaluate: Evaluate) -> bool:
         """Whether evaluations of ``evaluate`` run in a child process under this executor."""
-        settings = getattr(evaluate, "settings", None)
-        # latency timed on this process's threads (as its fingerprint says) stays in process
-        timed = getattr(settings, "latency", False) and torch.get_num_threads() > 1
         if self.isolate is not None:
-            isolate = self.isolate
-        else:
-            isolate = self.trial_timeout is not None or (
-                not timed and can_fork(str(getattr(settings, "device", "cpu"))))
-        if isolate and timed:
-            raise ConfigError(
-                "isolated evaluations run torch on one thread, but this proxy times latency on "
-                f"this process's {torch.get_num_threads()}; pass isolate=False (--no-isolate) "
-                "without trial_timeout, or torch.set_num_threads(1) to time on one thread")
-        return isolate
+            return self.isolate
+        settings = getattr(evaluate, "settings", None)
+        return self.trial_timeout is not None or can_fork(str(getattr(settings, "device", "cpu")))
 
     def drive(self, loop: Loop, evaluate: Evaluate) -> None:
         child = IsolatedEvaluator(evaluate, self.trial_timeout) if self.isolated(evaluate) \
