@@ -63,7 +63,7 @@ from ranksearch.config import Config
 from ranksearch.constraints import parse_constraints
 from ranksearch.datasets import load_task
 from ranksearch.errors import RankSearchError
-from ranksearch.evaluate import Evaluator
+from ranksearch.evaluate import Evaluator, ProxySettings
 from ranksearch.executors import LocalExecutor, Loop
 from ranksearch.metrics import METRICS, Meter, prediction
 from ranksearch.pareto import front, hypervolume, parse_objectives, reference_point
@@ -135,7 +135,8 @@ def setup(name: str, args: argparse.Namespace, out: Path) -> Evaluator:
                                               exclude=["features.0"])
     else:
         raise SystemExit(f"unknown model {name!r}; choose digits or fashion")
-    return Evaluator(model, task, space=space)
+    # zero-shot as the shared-prefix table scores it: the dense model's BatchNorm statistics
+    return Evaluator(model, task, ProxySettings(bn_recalibrate=0), space=space)
 
 
 # ----------------------------------------------------------------------------- the table
@@ -252,7 +253,7 @@ def run_strategy(name: str, evaluator: Evaluator, table: dict[str, Result],
     result = ranksearch.search(
         evaluator.model, evaluator.task, strategy=name, evaluations=budget,
         space=evaluator.space, constraints=constraints, executor=lookup, store="memory",
-        seed=seed)
+        seed=seed, proxy=evaluator.settings)
     return result.results
 
 

@@ -103,7 +103,8 @@ def run(evaluator: ranksearch.Evaluator, args: argparse.Namespace, isolate: bool
         start = time.perf_counter()
         result = ranksearch.search(evaluator.model, evaluator.task, strategy=args.strategy,
                                    evaluations=args.evaluations, space=evaluator.space,
-                                   executor=executor, out=tmp, seed=0)
+                                   executor=executor, out=tmp, seed=0,
+                                   proxy=evaluator.settings)
         executor.clock["total"] = time.perf_counter() - start
     if result.evaluated != args.evaluations:
         raise SystemExit(f"the search evaluated {result.evaluated}, not {args.evaluations}")
