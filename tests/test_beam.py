@@ -12,7 +12,8 @@ from ranksearch.result import Result
 from ranksearch.store import Store
 from ranksearch.strategy import Proposal, StopSearch
 
-ZERO_SHOT = ProxySettings(steps=0)
+# the scores these beams were worked out on: zero-shot with the trained BatchNorm statistics
+ZERO_SHOT = ProxySettings(steps=0, bn_recalibrate=0)
 #: partial scores of a full beam search on `two_path` (2 sites, svd:1..7 each, width 4):
 #: the start and its 2 children, then the children of each step, 12 steps in all
 TWO_PATH_STEPS = [3, 3, 4, 5, 5, 5, 4, 4, 4, 3, 2, 1]
