@@ -32,7 +32,6 @@ import logging
 import string
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import islice
 from math import prod
 from typing import TYPE_CHECKING, Any
 
@@ -157,13 +156,7 @@ def calibration_inputs(task: Task, batches: int, batch_size: int, seed: int = 0)
         raise TaskError(f"task {task.name!r} has no training data: data-aware factors and "
                         "BatchNorm recalibration read the inputs of a few training batches; "
                         "pass train=... or turn data_aware and bn_recalibrate off")
-    found = list(islice(task.loader("train", batch_size, shuffle=True, seed=seed), batches))
-    if not found:
-        raise TaskError(f"task {task.name!r}: the training data gave no batches to calibrate on")
-    bad = next((b for b in found if not (isinstance(b, list | tuple) and len(b) == 2)), None)
-    if bad is not None:
-        raise TaskError(f"task {task.name!r}: calibration reads (inputs, targets) training "
-                        f"batches, got {type(bad).__name__}")
+    found = task.batches("train", batch_size, batches, shuffle=True, seed=seed)
     return [b[0] for b in found]
 
 

@@ -29,7 +29,7 @@ from .calibration import (
 )
 from .config import Config
 from .cost import CostModel
-from .errors import CandidateFailed, RankSearchError, TaskError
+from .errors import CandidateFailed, RankSearchError
 from .fingerprint import Fingerprint, fingerprint
 from .inputs import call, move
 from .latency import LatencyTable
@@ -206,8 +206,8 @@ class Evaluator:
             task, settings.bn_recalibrate, settings.batch_size, settings.seed
         ) if settings.bn_recalibrate and batchnorms(model) else []
         self.costs = CostModel(self.space)
-        self._val = [] if task.val is None else _batches(
-            task, "val", settings.eval_batch_size, settings.eval_batches)
+        self._val = [] if task.val is None else task.batches(
+            "val", settings.eval_batch_size, settings.eval_batches, shuffle=False)
         self._fingerprint = fingerprint
         self.keep = None if keep is None else Path(keep)
 
@@ -451,16 +451,3 @@ def _check_finite(metrics: dict[str, float]) -> None:
     if bad:
         raise CandidateFailed("validation gave non-finite " + ", ".join(
             f"{k} {v}" for k, v in sorted(bad.items())))
-
-
-def _batches(task: Task, split: str, batch_size: int, limit: int | None) -> list[tuple]:
-    """The first ``limit`` batches of a split, kept in memory (the same for every candidate)."""
-    loader = task.loader(split, batch_size, shuffle=False, seed=0)
-    found = list(islice(loader, limit)) if limit else list(loader)
-    if not found:
-        raise TaskError(f"task {task.name!r}: the {split} data gave no batches")
-    bad = next((b for b in found if not (isinstance(b, list | tuple) and len(b) == 2)), None)
-    if bad is not None:
-        raise TaskError(f"task {task.name!r}: a {split} batch must be an (inputs, targets) pair, "
-                        f"got {type(bad).__name__}")
-    return found

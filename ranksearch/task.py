@@ -20,6 +20,7 @@ import importlib.util
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sized
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +171,21 @@ class Task:
             generator=torch.Generator().manual_seed(seed),
             num_workers=0,
         )
+
+    def batches(self, split: str, batch_size: int, limit: int | None = None,
+                shuffle: bool | None = None, seed: int = 0) -> list[tuple[Any, Any]]:
+        """The first ``limit`` batches of `loader` (all when None), kept in memory: each an
+        ``(inputs, targets)`` pair, else a `TaskError`, as when the split gives none."""
+        loader = self.loader(split, batch_size, shuffle, seed)
+        found = list(islice(loader, limit)) if limit else list(loader)
+        if not found:
+            raise TaskError(f"task {self.name!r}: the {split} data gave no batches")
+        bad = next((b for b in found if not (isinstance(b, list | tuple) and len(b) == 2)),
+                   None)
+        if bad is not None:
+            raise TaskError(f"task {self.name!r}: a {split} batch must be an (inputs, targets) "
+                            f"pair, got {type(bad).__name__}")
+        return found
 
 
 def _is_map(data: Any) -> bool:

@@ -67,3 +67,20 @@ def stored(out) -> int:
                                 ).fetchone()[0]
     except sqlite3.OperationalError:  # the schema is not there yet
         return 0
+
+
+def search_arguments(monkeypatch, model, task) -> dict:
+    """Make the CLI's `search` record its keyword arguments (into the dict returned) and stop
+    at once, on ``model`` and ``task``, so a test sees what the command line passed."""
+    from ranksearch import cli
+    from ranksearch.errors import RankSearchError
+
+    seen: dict = {}
+
+    def fake_search(model, task, **kwargs):
+        seen.update(kwargs)
+        raise RankSearchError("stopped by the test")
+
+    monkeypatch.setattr(cli, "search", fake_search)
+    monkeypatch.setattr(cli, "model_and_task", lambda *a, **k: (model, task))
+    return seen

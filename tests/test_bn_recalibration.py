@@ -7,12 +7,13 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import search_arguments
 from torch import nn
 
 import ranksearch
 from ranksearch import cli
 from ranksearch.calibration import calibration_inputs, recalibrate_batchnorm
-from ranksearch.errors import OptionError, RankSearchError, TaskError
+from ranksearch.errors import OptionError, TaskError
 from ranksearch.evaluate import Evaluator, ProxySettings
 from ranksearch.fingerprint import fingerprint
 from ranksearch.models import build_model
@@ -211,14 +212,7 @@ def test_the_exported_model_is_the_recalibrated_model_that_was_scored(digits_mod
 def test_the_cli_passes_bn_recalibrate_to_the_proxy(tmp_path, capsys, monkeypatch, digits_model,
                                                     digits):
     out = str(tmp_path / "out")
-    seen = {}
-
-    def fake_search(model, task, **kwargs):
-        seen.update(kwargs)
-        raise RankSearchError("stopped by the test")
-
-    monkeypatch.setattr(cli, "search", fake_search)
-    monkeypatch.setattr(cli, "model_and_task", lambda *a, **k: (digits_model, digits))
+    seen = search_arguments(monkeypatch, digits_model, digits)
     assert cli.main(["search", "--out", out, "--no-progress", "--bn-recalibrate", "4"]) == 2
     assert seen["proxy"].bn_recalibrate == 4
     assert cli.main(["search", "--out", out, "--no-progress"]) == 2

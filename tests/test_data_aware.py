@@ -16,6 +16,7 @@ import pytest
 import scipy.linalg
 import torch
 import torch.nn.functional as F
+from helpers import search_arguments
 from ranksearch_strategies.errorbound import ErrorBound, PCAEnergy
 from ranksearch_strategies.vbmf import VBMF
 from torch import nn
@@ -482,14 +483,7 @@ def test_the_cli_passes_data_aware_to_the_proxy(tmp_path, capsys, monkeypatch, d
     out = str(tmp_path / "out")
     assert cli.main(["search", "--out", out, "--calibration-batches", "3"]) == 2
     assert "add --data-aware" in capsys.readouterr().err
-    seen = {}
-
-    def fake_search(model, task, **kwargs):
-        seen.update(kwargs)
-        raise RankSearchError("stopped by the test")
-
-    monkeypatch.setattr(cli, "search", fake_search)
-    monkeypatch.setattr(cli, "model_and_task", lambda *a, **k: (digits_model, digits))
+    seen = search_arguments(monkeypatch, digits_model, digits)
     assert cli.main(["search", "--out", out, "--no-progress", "--data-aware",
                      "--calibration-batches", "3"]) == 2
     assert (seen["proxy"].data_aware, seen["proxy"].calibration_batches) == (True, 3)
