@@ -32,7 +32,7 @@ import sqlalchemy
 from optuna.distributions import CategoricalDistribution, distribution_to_json
 from optuna.storages._rdb import models
 from optuna.trial import TrialState
-from sqlalchemy import and_, func, insert, select, update
+from sqlalchemy import and_, bindparam, func, insert, select, update
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,30 @@ LATENCY = sqlalchemy.Table(
     sqlalchemy.Column("value_json", sqlalchemy.Text, nullable=False),
 )
 
+
+# The statements of claiming and saving, built once: executed with parameters, SQLAlchemy
+# compiles each once per dialect and caches it, instead of building and keying it each time.
+_HOLDER = select(KEYS.c.trial_id).where(KEYS.c.study_id == bindparam("sid"),
+                                        KEYS.c.key_hash == bindparam("kh"))
+_KEY_COUNT = select(func.count()).select_from(KEYS).where(KEYS.c.study_id == bindparam("sid"))
+_ADD_KEY = insert(KEYS)
+_POINT = (update(KEYS).where(KEYS.c.study_id == bindparam("sid"),
+                             KEYS.c.key_hash == bindparam("kh"),
+                             KEYS.c.trial_id == bindparam("old"))
+          .values(trial_id=bindparam("new")))
+_ADD_TRIAL = insert(_TRIALS)
+_NUMBER_BEFORE = (select(_TRIALS.c.number)
+                  .where(_TRIALS.c.study_id == bindparam("sid"),
+                         _TRIALS.c.trial_id < bindparam("tid"))
+                  .order_by(_TRIALS.c.trial_id.desc()).limit(1))
+_SET_NUMBER = (update(_TRIALS).where(_TRIALS.c.trial_id == bindparam("tid"))
+               .values(number=bindparam("number")))
+_END_TRIAL = (update(_TRIALS).where(_TRIALS.c.trial_id == bindparam("tid"),
+                                    _TRIALS.c.state == TrialState.RUNNING)
+              .values(state=bindparam("state"), datetime_complete=bindparam("complete")))
+_ADD_USER, _ADD_SYSTEM, _ADD_BEAT = insert(_USER), insert(_SYSTEM), insert(_BEATS)
+_ADD_ROWS = {name: insert(table) for name, table in
+             (("values", _VALUES), ("params", _PARAMS), ("steps", _STEPS))}
 
 def create_tables(engine: sqlalchemy.engine.Engine) -> None:
     """Create the ``ranksearch_keys`` and ``ranksearch_latency`` tables if they are
@@ -318,8 +342,8 @@ class Ledger:
             tid = self._new_trial(conn, key, TrialState.RUNNING, self._owner(1))
             if budget is not None and self._counted(conn, budget) >= budget:
                 raise _Full
-            conn.execute(insert(KEYS).values(study_id=self.study_id, key_hash=key_hash(key),
-                                             trial_id=tid))
+            conn.execute(_ADD_KEY, {"study_id": self.study_id, "key_hash": key_hash(key),
+                                    "trial_id": tid})
             return Claim("ours"), tid, None
         found = self._row(conn, held)
         if found.state == TrialState.RUNNING:
@@ -358,8 +382,7 @@ class Ledger:
         """The study's keys that count toward a budget: stored, or claimed and not given up
         (exactly when there are at least ``budget`` keys, else the keys, an upper bound).
         Called after `_new_trial` took the write lock (SQLite) or the study's row lock."""
-        keys = int(conn.execute(select(func.count()).select_from(KEYS)
-                                .where(KEYS.c.study_id == self.study_id)).scalar())
+        keys = int(conn.execute(_KEY_COUNT, {"sid": self.study_id}).scalar())
         if keys < budget:  # every counted key has a row: no need to look for given-up claims
             return keys
         c = _SYSTEM.alias("c")
@@ -376,8 +399,7 @@ class Ledger:
         return {"host": HOST, "pid": os.getpid(), "token": self.token, "attempt": attempt}
 
     def _holder(self, conn: sqlalchemy.Connection, key: str) -> int | None:
-        return conn.execute(select(KEYS.c.trial_id).where(
-            KEYS.c.study_id == self.study_id, KEYS.c.key_hash == key_hash(key))).scalar()
+        return conn.execute(_HOLDER, {"sid": self.study_id, "kh": key_hash(key)}).scalar()
 
     def _row(self, conn: sqlalchemy.Connection, tid: int) -> Row:
         r, c = _USER.alias("r"), _SYSTEM.alias("c")
@@ -396,9 +418,8 @@ class Ledger:
 
     def _point(self, conn: sqlalchemy.Connection, key: str, old: int, new: int) -> None:
         """Point ``key`` from trial ``old`` to ``new``, unless another writer moved it."""
-        moved = conn.execute(update(KEYS).where(
-            KEYS.c.study_id == self.study_id, KEYS.c.key_hash == key_hash(key),
-            KEYS.c.trial_id == old).values(trial_id=new)).rowcount
+        moved = conn.execute(_POINT, {"sid": self.study_id, "kh": key_hash(key), "old": old,
+                                      "new": new}).rowcount
         if moved != 1:
             raise _Raced
 
@@ -409,20 +430,18 @@ class Ledger:
         if conn.dialect.name != "sqlite":
             conn.execute(select(_STUDIES.c.study_id)
                          .where(_STUDIES.c.study_id == self.study_id).with_for_update())
-        tid = conn.execute(insert(_TRIALS).values(
-            study_id=self.study_id, number=None, state=state, datetime_start=_utcnow(),
-            datetime_complete=None if state == TrialState.RUNNING else _utcnow(),
-        )).inserted_primary_key[0]
-        before = conn.execute(select(_TRIALS.c.number).where(
-            _TRIALS.c.study_id == self.study_id, _TRIALS.c.trial_id < tid,
-        ).order_by(_TRIALS.c.trial_id.desc()).limit(1)).scalar()
-        conn.execute(update(_TRIALS).where(_TRIALS.c.trial_id == tid)
-                     .values(number=0 if before is None else before + 1))
-        conn.execute(insert(_USER).values(trial_id=tid, key="key", value_json=json.dumps(key)))
+        now = _utcnow()
+        tid = conn.execute(_ADD_TRIAL, {
+            "study_id": self.study_id, "number": None, "state": state, "datetime_start": now,
+            "datetime_complete": None if state == TrialState.RUNNING else now,
+        }).inserted_primary_key[0]
+        before = conn.execute(_NUMBER_BEFORE, {"sid": self.study_id, "tid": tid}).scalar()
+        conn.execute(_SET_NUMBER, {"tid": tid, "number": 0 if before is None else before + 1})
+        conn.execute(_ADD_USER, {"trial_id": tid, "key": "key", "value_json": json.dumps(key)})
         if owner is not None:
-            conn.execute(insert(_SYSTEM).values(trial_id=tid, key=CLAIM,
-                                                value_json=json.dumps(owner)))
-            conn.execute(insert(_BEATS).values(trial_id=tid))
+            conn.execute(_ADD_SYSTEM, {"trial_id": tid, "key": CLAIM,
+                                       "value_json": json.dumps(owner)})
+            conn.execute(_ADD_BEAT, {"trial_id": tid})
         return tid
 
     # -- saving ---------------------------------------------------------------------------------
@@ -440,8 +459,8 @@ class Ledger:
                     if held is None:
                         tid = self._new_trial(conn, key, done.state, None)
                         self._fill(conn, tid, done)
-                        conn.execute(insert(KEYS).values(
-                            study_id=self.study_id, key_hash=key_hash(key), trial_id=tid))
+                        conn.execute(_ADD_KEY, {"study_id": self.study_id,
+                                                "key_hash": key_hash(key), "trial_id": tid})
                         return None
                     found = self._row(conn, held)
                     if found.state == TrialState.RUNNING:
@@ -460,9 +479,8 @@ class Ledger:
         raise RuntimeError(f"could not store {key}: other writers kept changing it")
 
     def _finish(self, conn: sqlalchemy.Connection, tid: int, done: Finished) -> bool:
-        ended = conn.execute(update(_TRIALS).where(
-            _TRIALS.c.trial_id == tid, _TRIALS.c.state == TrialState.RUNNING,
-        ).values(state=done.state, datetime_complete=_utcnow())).rowcount
+        ended = conn.execute(_END_TRIAL, {"tid": tid, "state": done.state,
+                                          "complete": _utcnow()}).rowcount
         if ended != 1:
             return False
         self._fill(conn, tid, done)
@@ -480,12 +498,12 @@ class Ledger:
                           models.TrialIntermediateValueModel
                           .intermediate_value_to_stored_repr(v), strict=True),
                       trial_id=tid, step=step) for step, v in done.intermediate.items()]
-        for table, rows in ((_VALUES, values), (_PARAMS, params), (_STEPS, steps)):
+        for name, rows in (("values", values), ("params", params), ("steps", steps)):
             if rows:
-                conn.execute(insert(table), rows)
+                conn.execute(_ADD_ROWS[name], rows)
         # as Optuna's set_user_attr("result", text) writes it: a JSON string of the JSON
-        conn.execute(insert(_USER).values(trial_id=tid, key="result",
-                                          value_json=json.dumps(json.dumps(done.result))))
+        conn.execute(_ADD_USER, {"trial_id": tid, "key": "result",
+                                 "value_json": json.dumps(json.dumps(done.result))})
 
     # -- keeping claims alive -------------------------------------------------------------------
     def beat(self, trials: Iterable[int]) -> None:

@@ -56,11 +56,12 @@ class Refiner:
         """Keys of the configs evaluated (told with a full score) or proposed already."""
         return self.asked | {r.config.key for r in self.ctx.history if r.partial is None}
 
-    def propose(self, count: int = 1) -> list[Config]:
-        """Up to ``count`` new feasible configs (fewer only when none is left)."""
+    def propose(self, count: int = 1, best: bool = False) -> list[Config]:
+        """Up to ``count`` new feasible configs (fewer only when none is left); with ``best``,
+        neighbours of the front point best in the first objective come first."""
         out: list[Config] = []
         known = self.known()
-        ranked = self._neighbours(known)
+        ranked = self._neighbours(known, best)
         while len(out) < count:
             config = ranked.pop(0) if ranked else feasible_draw(
                 self.ctx, self._all, known, self.ctx.rng)
@@ -86,17 +87,18 @@ class Refiner:
         return [*proposals, *extra]
 
     # -- neighbours -----------------------------------------------------------------------------
-    def _neighbours(self, known: set[str]) -> list[Config]:
+    def _neighbours(self, known: set[str], best: bool = False) -> list[Config]:
         ctx = self.ctx
         results = [r for r in ctx.history if r.partial is None]
         points = front(results, ctx.objectives, ctx.cost_constraints())
         found: dict[Config, Result] = {}
-        for p in points:
+        first = ctx.objectives[0]
+        for p in sorted(points, key=lambda r: first.cost(r.metrics))[:1] if best else points:
             for config in self._moves(p.config):
                 if config.key not in known and config not in found and ctx.feasible(config):
                     found[config] = p
         if not found:
-            return []
+            return self._neighbours(known) if best else []
         gains = self._gains(found, points, results)
         return sorted(found, key=lambda c: -gains[c])
 

@@ -35,10 +35,13 @@ class Auto(Strategy):
     config scored best first, duplicates once. Phase two, for the rest of the budget:
     `ranksearch.refine.Refiner` proposals (unevaluated feasible neighbours of the front, by
     estimated hypervolume gain, with one-up-one-down swaps under cost constraints, then
-    feasible configs at random), every ``tpe_every``-th ask instead a TPE proposal
-    (`OptunaSampler`, one categorical per site, told every result so far); ``tpe_every=0``
-    never asks TPE. It never stops while the budget lasts and a feasible config is
-    unevaluated.
+    feasible configs at random); every ``best_every``-th of them takes the neighbours of the
+    front point best in the first objective (the most accurate feasible config) first, and
+    every ``tpe_every``-th ask (0, the default: never) is instead a TPE proposal
+    (`OptunaSampler`, one categorical per site, told every result so far). On the exhaustive
+    benchmark, under ``flops<=0.4``, asking around the best point every second time raised
+    the hypervolume at 64 evaluations and TPE asks lowered it. It never stops while the
+    budget lasts and a feasible config is unevaluated.
     """
 
     name = "auto"
@@ -46,12 +49,13 @@ class Auto(Strategy):
                    "the front and TPE, for the whole budget")
 
     def __init__(self, analytic: float = 0.0625, sweeps: str | Sequence[str] = SWEEPS,
-                 tpe_every: int = 3, probes: float = 0.25) -> None:
+                 tpe_every: int = 0, probes: float = 0.25, best_every: int = 2) -> None:
         who = self.name
         self.analytic = options.fraction(analytic, "analytic", who)
         self.probes = options.fraction(probes, "probes", who)
         self.sweeps = options.names(sweeps, "sweeps", who)
         self.tpe_every = options.integer(tpe_every, "tpe_every", who, 0)
+        self.best_every = options.integer(best_every, "best_every", who, 0)
 
     def setup(self, ctx: SearchContext) -> None:
         super().setup(ctx)
@@ -124,7 +128,8 @@ class Auto(Strategy):
         self._asks += 1
         if self.tpe_every and self._asks % self.tpe_every == 0:
             return self._tpe_ask()
-        configs = self.refiner.propose(1)
+        best = bool(self.best_every) and self._asks % self.best_every == 0
+        configs = self.refiner.propose(1, best=best)
         if not configs:
             raise StopSearch  # every feasible config is evaluated
         return list(configs)

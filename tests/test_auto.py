@@ -103,3 +103,22 @@ def test_refiner_swaps_move_one_site_up_and_another_down(mlp):  # noqa: F811
 
     for c in pairs:
         assert sorted(step(c, n) for n in space.names if step(c, n)) == [-1, 1]
+
+
+def test_refiner_best_proposes_a_neighbour_of_the_most_accurate_front_point(mlp):  # noqa: F811
+    model, task, space = mlp
+    ctx = context(space)
+    evaluator = ranksearch.Evaluator(model, task, ZERO, space)
+    ctx.record([evaluator(c) for c in feasible_configs(space)[::4]])
+    refiner = Refiner(ctx)
+    points = front(list(ctx.history), ctx.objectives, ctx.cost_constraints())
+    top = max(points, key=lambda r: r.metrics["accuracy"]).config
+    neighbours = {c for c in refiner._moves(top) if ctx.feasible(c)} - set(
+        r.config for r in ctx.history)
+    assert neighbours  # the test needs one left to propose
+    (proposal,) = refiner.propose(1, best=True)
+    assert proposal in neighbours
+    # once the best point's neighbours are all known it falls back on the whole front
+    refiner.asked.update(c.key for c in neighbours)
+    (other,) = refiner.propose(1, best=True)
+    assert other not in neighbours and ctx.feasible(other)
