@@ -6,7 +6,10 @@ executor and a SQLite store in a temporary folder, isolation off and on, side by
 evaluation time is the time from the loop handing out a config to the result coming back
 (with isolation: the child's round trip); everything else of ``ranksearch.search``'s wall
 time is overhead: opening the store, claims, reads of other writers' news, saves, the
-strategy's ask/tell, cost lookups, bookkeeping. The store's own calls are timed too.
+strategy's ask/tell, cost lookups, bookkeeping. The store's own calls are timed too, and so
+is the task check before the search (``dense check``: two batches and the dense model's
+validation, the reference every result is reported against), shown in the overhead and, in
+the last line, also as an evaluation.
 
     python benchmarks/bench_overhead.py [--model digits|fashion] [--evaluations 64]
         [--strategy random] [--repeats 2]
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from collections import defaultdict
@@ -89,9 +93,21 @@ def timing_store(clock: dict[str, float]) -> Iterator[None]:
 
     for n in names:
         setattr(Store, n, timed(n, saved[n]))
+    module = sys.modules["ranksearch.search"]
+    check = module.check_task
+
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return check(*args, **kwargs)
+        finally:
+            clock["dense check"] += time.perf_counter() - start
+
+    module.check_task = checked
     try:
         yield
     finally:
+        module.check_task = check
         for n, fn in saved.items():
             setattr(Store, n, fn)
 
@@ -128,8 +144,8 @@ def main() -> None:
             for mode in ("in process", "isolated")}
     print(f"{args.model}, {args.strategy}, {args.evaluations} zero-shot evaluations, SQLite "
           f"store, median of {args.repeats} runs (ms per evaluation unless said)")
-    keys = ["total", "evaluation", "overhead", "store.init", "store.claim", "store.refresh",
-            "store.save", "store.release"]
+    keys = ["total", "evaluation", "overhead", "dense check", "store.init", "store.claim",
+            "store.refresh", "store.save", "store.release"]
     print(f"{'':16}" + "".join(f"{m:>14}" for m in runs))
     for key in keys:
         cells = []
@@ -142,6 +158,10 @@ def main() -> None:
               for m, clocks in runs.items()}
     print(f"{'overhead share':16}" + "".join(f"{s:14.2%}" for s in shares.values())
           + "   (target < 2%)")
+    rest = {m: statistics.median((c["total"] - c["evaluation"] - c["dense check"]) / c["total"]
+                                 for c in clocks) for m, clocks in runs.items()}
+    print(f"{'without check':16}" + "".join(f"{s:14.2%}" for s in rest.values())
+          + "   (the dense check counted as an evaluation)")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ SWEEPS = ("pca_energy", "errorbound", "vbmf")
 
 class Auto(Strategy):
     """Without cost constraints the sensitivity strategy; under them the dense model and the
-    analytic sweeps first, then refinement of the front interleaved with TPE.
+    analytic sweeps first, then refinement of the front (optionally with TPE asks).
 
     Without cost constraints, when its probes (the dense model and one per site) take at
     most ``probes`` of the budget: `Sensitivity` with its refinement, which is ahead of every
@@ -46,7 +46,7 @@ class Auto(Strategy):
 
     name = "auto"
     description = ("sensitivity probes (unconstrained) or analytic sweeps, then refinement of "
-                   "the front and TPE, for the whole budget")
+                   "the front, for the whole budget")
 
     def __init__(self, analytic: float = 0.0625, sweeps: str | Sequence[str] = SWEEPS,
                  tpe_every: int = 0, probes: float = 0.25, best_every: int = 2) -> None:
