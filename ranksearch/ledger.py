@@ -87,8 +87,8 @@ _END_TRIAL = (update(_TRIALS).where(_TRIALS.c.trial_id == bindparam("tid"),
                                     _TRIALS.c.state == TrialState.RUNNING)
               .values(state=bindparam("state"), datetime_complete=bindparam("complete")))
 _ADD_USER, _ADD_SYSTEM, _ADD_BEAT = insert(_USER), insert(_SYSTEM), insert(_BEATS)
-_ADD_ROWS = {name: insert(table) for name, table in
-             (("values", _VALUES), ("params", _PARAMS), ("steps", _STEPS))}
+_ADD_VALUES, _ADD_PARAMS, _ADD_STEPS = insert(_VALUES), insert(_PARAMS), insert(_STEPS)
+
 
 def create_tables(engine: sqlalchemy.engine.Engine) -> None:
     """Create the ``ranksearch_keys`` and ``ranksearch_latency`` tables if they are
@@ -315,7 +315,7 @@ class Ledger:
             rows = [{"study_id": self.study_id, "key_hash": key_hash(key), "trial_id": tid}
                     for key, tid in latest.items() if key_hash(key) not in known]
             if rows:
-                conn.execute(insert(KEYS), rows)
+                conn.execute(_ADD_KEY, rows)
 
     # -- claiming -------------------------------------------------------------------------------
     def claim(self, key: str, replace_failed: bool, budget: int | None = None
@@ -498,9 +498,10 @@ class Ledger:
                           models.TrialIntermediateValueModel
                           .intermediate_value_to_stored_repr(v), strict=True),
                       trial_id=tid, step=step) for step, v in done.intermediate.items()]
-        for name, rows in (("values", values), ("params", params), ("steps", steps)):
+        for statement, rows in ((_ADD_VALUES, values), (_ADD_PARAMS, params),
+                                (_ADD_STEPS, steps)):
             if rows:
-                conn.execute(_ADD_ROWS[name], rows)
+                conn.execute(statement, rows)
         # as Optuna's set_user_attr("result", text) writes it: a JSON string of the JSON
         conn.execute(_ADD_USER, {"trial_id": tid, "key": "result",
                                  "value_json": json.dumps(json.dumps(done.result))})

@@ -92,15 +92,23 @@ class Refiner:
         results = [r for r in ctx.history if r.partial is None]
         points = front(results, ctx.objectives, ctx.cost_constraints())
         found: dict[Config, Result] = {}
-        first = ctx.objectives[0]
-        for p in sorted(points, key=lambda r: first.cost(r.metrics))[:1] if best else points:
-            for config in self._moves(p.config):
-                if config.key not in known and config not in found and ctx.feasible(config):
-                    found[config] = p
+        if best and points:
+            first = ctx.objectives[0]
+            found = self._around([min(points, key=lambda r: first.cost(r.metrics))], known)
+        found = found or self._around(points, known)
         if not found:
-            return self._neighbours(known) if best else []
+            return []
         gains = self._gains(found, points, results)
         return sorted(found, key=lambda c: -gains[c])
+
+    def _around(self, points: Sequence[Result], known: set[str]) -> dict[Config, Result]:
+        """The unknown feasible moves from ``points``, each with the point it moves from."""
+        found: dict[Config, Result] = {}
+        for p in points:
+            for config in self._moves(p.config):
+                if config.key not in known and config not in found and self.ctx.feasible(config):
+                    found[config] = p
+        return found
 
     def _moves(self, config: Config) -> Iterable[Config]:
         steps = {name: dict(self._steps(config, name)) for name in self.names}
