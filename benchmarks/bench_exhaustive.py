@@ -331,8 +331,9 @@ def bench(name: str, evaluator: Evaluator, table: dict[str, Result], setting: st
                 if seed == 0:
                     fronts[(name, setting, strategy)] = front(got, OBJECTIVES, constraints)
         except RankSearchError as e:
-            print(f"| {strategy} | skipped: {str(e).splitlines()[0][:150]} |", flush=True)
-            lines.append(f"| {strategy} | skipped: {str(e).splitlines()[0][:150]} |")
+            why = str(e).splitlines()[0].split(": ")[0][:150]
+            print(f"| {strategy} | skipped: {why} |", flush=True)
+            lines.append(f"| {strategy} | skipped: {why} |")
             continue
         seconds = (time.perf_counter() - begin) / args.seeds
         cells = [strategy] + [f"{statistics.median(hv[b]):.1%} / {min(hv[b]):.1%}"

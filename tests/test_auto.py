@@ -2,6 +2,7 @@
 for the whole budget, within the constraints; and the refiner it builds on."""
 
 import inspect
+import itertools
 
 import pytest
 from test_budget_use import LIMIT, ZERO, context, feasible_configs, mlp  # noqa: F401
@@ -10,6 +11,7 @@ import ranksearch
 from ranksearch.pareto import front, hypervolume, parse_objectives, reference_point
 from ranksearch.refine import Refiner
 from ranksearch.result import Result
+from strategies.auto import spread
 
 OBJECTIVES = parse_objectives(("accuracy", "flops"))
 
@@ -36,6 +38,20 @@ def test_auto_starts_with_the_analytic_sweeps_and_stays_feasible(mlp):  # noqa: 
     ctx = context(space)
     assert all(ctx.feasible(r.config) for r in auto.results)
     assert len({r.config.key for r in auto.results}) == budget  # nothing twice
+
+
+def test_spread_takes_both_ends_then_the_widest_gaps_middle():
+    for n in range(40):
+        order = spread(n)
+        assert sorted(order) == list(range(n))
+        if n >= 3:
+            assert order[:3] == [0, n - 1, (n - 1) // 2]
+    # every prefix leaves no gap more than twice as wide as the narrowest it could
+    order = spread(33)
+    for k in range(2, 33):
+        taken = sorted(order[:k])
+        widest = max(b - a for a, b in itertools.pairwise(taken))
+        assert widest <= 2 * (32 / (k - 1)) + 1, (k, taken)
 
 
 @pytest.mark.parametrize("constraints", [(), (LIMIT,)])
