@@ -58,7 +58,7 @@ from ranksearch.task import Task
 from ranksearch.training import evaluate_accuracy, pretrained, train_baseline
 
 HERE = Path(__file__).resolve().parent
-STRATEGIES = ("uniform", "proportional", "random", "vbmf", "errorbound", "pca_energy",
+STRATEGIES = ("auto", "uniform", "proportional", "random", "vbmf", "errorbound", "pca_energy",
               "sensitivity", "beam", "nsga2", "optuna", "rl")
 # cp3_tpm: the 3-way CP fitted by the tensor power method (Astrid & Lee); CP-ALS takes minutes
 # per 256-channel layer on a CPU
@@ -84,7 +84,9 @@ class Settings:
     # proxy evaluations per strategy and budget: this, or the model's site count + 4 when
     # that is more (sensitivity probes every site once, plus the dense model)
     evaluations: int = 12
-    proxy_steps: int = 10           # fine-tuning steps of the search proxy
+    # fine-tuning steps of the search proxy: 0, zero-shot with BatchNorm recalibrated (the
+    # default proxy, chosen by bench_fidelity)
+    proxy_steps: int = 0
     proxy_lr: float = 3e-3
     proxy_images: int = 512         # validation images the proxy scores on
     finetune_images: int = 6000     # training images of the final fine-tuning (one epoch)
@@ -484,11 +486,23 @@ def hardware() -> dict[str, Any]:
             "torch": torch.__version__, "python": platform.python_version()}
 
 
+def portable(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` for a report: paths as text, relative to the repository when inside it
+    (a report names no folder of the machine it was made on)."""
+    root = HERE.parent
+    out = {}
+    for key, value in settings.items():
+        if isinstance(value, Path):
+            value = str(value.relative_to(root) if value.is_relative_to(root) else value)
+        out[key] = value
+    return out
+
+
 def run(s: Settings) -> dict[str, Any]:
     """Run the benchmark; returns the report written to ``s.results / quality.json`` (which
     keeps the models and budgets of earlier runs that this one does not repeat)."""
     task = load_task(s.task)
-    settings = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()}
+    settings = portable(asdict(s))
     saved = s.results / "quality.json"
     # models run before (by another invocation, e.g. ``--models vgg-small``) are kept
     report: dict[str, Any] = {

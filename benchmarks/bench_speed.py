@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from bench_quality import JsonCache, counted_flops, hardware, subset
+from bench_quality import JsonCache, counted_flops, hardware, portable, subset
 from bench_quality import Settings as QualitySettings
 from fashion import ensure_fashion_mnist
 from torch import nn
@@ -393,7 +393,7 @@ def run(s: Settings) -> dict[str, Any]:
     saved = s.out / "speed.json"
     report: dict[str, Any] = {
         "hardware": hardware(),
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(s).items()},
+        "settings": portable(asdict(s)),
         "models": json.loads(saved.read_text())["models"] if saved.is_file() else {},
     }
     for name in s.models:

@@ -29,7 +29,8 @@ class FactorCache:
     candidate built from the cache is the one `ranksearch.compress` builds without it.
     Sliceable factorizations (svd, svd_spatial, tucker2) are decomposed once per site at their
     maximum rank, and every rank is sliced from those factors (which is how they define their
-    factors at a rank). The others (CP, TT, TR) are decomposed once per rank. The cache keeps
+    factors at a rank; data-aware, then `Factorization.fit_core` of the slice, once per rank).
+    The others (CP, TT, TR) are decomposed once per rank. The cache keeps
     its own copy of the weights, so fine-tuning a built candidate never changes what later
     candidates start from.
 
@@ -61,7 +62,7 @@ class FactorCache:
         self._top: dict[tuple[str, str], Factors] = {}  # sliceable, at max rank
         self._per_rank: dict[tuple[str, str, Rank], Factors] = {}
         self._spectra: dict[str, torch.Tensor] = {}
-        self._whitenings: dict[tuple[str, tuple[int, ...]], Whitening] = {}
+        self._whitenings: dict[tuple[str, tuple[int, ...], bool], Whitening] = {}
         self._whitened: dict[tuple[str, str], torch.Tensor] = {}
         self._built: dict[tuple[str, Choice], nn.Module] = {}
         self.decompositions: Counter[tuple[str, str]] = Counter()
@@ -80,7 +81,14 @@ class FactorCache:
             return self._per_rank[key]
         if (name, method) not in self._top:
             self._top[(name, method)] = self._decompose(site, method, fac.max_rank(site))
-        return fac.slice(self._top[(name, method)], site, rank)
+        sliced = fac.slice(self._top[(name, method)], site, rank)
+        if name not in self.stats:
+            return sliced
+        key = (name, method, rank)
+        if key not in self._per_rank:
+            self._per_rank[key] = fac.fit_core(sliced, site, self._weights[name],
+                                               self.whitening(site, method))
+        return self._per_rank[key]
 
     def build(self, name: str, choice: Choice) -> nn.Module:
         """The factorized module for ``choice`` on site ``name``, weights set from the cache.
@@ -120,10 +128,12 @@ class FactorCache:
 
     def whitening(self, site: Site, method: str) -> Whitening:
         """The whitening of ``method`` on a data-aware site, from its statistics."""
-        modes = factorize.get(method).input_modes(site)
-        key = (site.name, modes)
+        fac = factorize.get(method)
+        modes = fac.input_modes(site)
+        key = (site.name, modes, fac.weighs_outputs)
         if key not in self._whitenings:
-            self._whitenings[key] = self.stats[site.name].whitening(modes)
+            self._whitenings[key] = self.stats[site.name].whitening(
+                modes, outputs=fac.weighs_outputs)
         return self._whitenings[key]
 
     def singular_values(self, name: str) -> torch.Tensor:
@@ -140,8 +150,9 @@ class FactorCache:
         log.debug("decomposing %s with %s at rank %s", site.name, method, rank)
         self.decompositions[(site.name, method)] += 1
         fac, weight = factorize.get(method), self._weights[site.name]
-        if site.name in self.stats:
-            return fac.decompose_aware(weight, site, rank, self.whitening(site, method))
+        if site.name in self.stats:  # sliceable: sliced, then `fit_core`, in `factors`
+            decompose = fac.decompose_whitened if fac.sliceable else fac.decompose_aware
+            return decompose(weight, site, rank, self.whitening(site, method))
         return fac.decompose(weight, site, rank)
 
 

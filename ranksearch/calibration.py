@@ -16,6 +16,15 @@ TT-matrix or tensor ring: the tensorized input) whitens each mode k by the root 
 moment C_k, the partial trace of C over the other modes (the Kronecker factoring
 C ≈ C_1 ⊗ C_2 ⊗ … of K-FAC), as each factor can then absorb its mode's S_k⁻¹ exactly.
 
+Where a BatchNorm takes a site's output directly (a convolution then its BatchNorm), what the
+rest of the network sees of an output error is that error scaled per channel by the
+BatchNorm's |γ|/√(var + ε): an error in a channel the BatchNorm divides by a small deviation
+counts for more. Its output weights d (normalised to mean 1, floored at `DAMP`) then weigh
+the output index too: factoring diag(d) W S and dividing the output side of the factors by d
+minimises the output error after the BatchNorm (the BatchNorm folded into the layer, without
+folding it). Families whose output index is held by one factor do this (svd, svd_spatial,
+Tucker-2, CP); TT and TR, whose output modes are split over cores, weigh the inputs only.
+
 Each moment is regularised to C + damp · mean(diag C) · I (``damp`` = `DAMP`) and scaled to unit
 mean diagonal before its eigendecomposition, with eigenvalues clamped below: rank-deficient
 statistics (rank-1 inputs, channels that are always zero) give finite roots, and statistics
@@ -30,7 +39,8 @@ from __future__ import annotations
 
 import logging
 import string
-from collections.abc import Iterable, Mapping, Sequence
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from math import prod
 from typing import TYPE_CHECKING, Any
@@ -54,6 +64,9 @@ log = logging.getLogger(__name__)
 
 #: Ridge added to each moment, relative to its mean diagonal.
 DAMP = 1e-2
+#: What data-aware factors weigh, in the fingerprint of their results: a change of it is a
+#: change of every data-aware score.
+WHITENING = "inputs by their second moment, outputs by the BatchNorm that takes them"
 #: Rows of unfolded patches multiplied at once (bounds the memory of a large feature map).
 _CHUNK = 2**24
 
@@ -61,14 +74,20 @@ _CHUNK = 2**24
 @dataclass(frozen=True)
 class InputStats:
     """The input statistics of one site: ``moment`` (groups × n × n, float64) the mean of
-    x xᵀ over ``rows`` rows x (see the module docstring for what a row is)."""
+    x xᵀ over ``rows`` rows x (see the module docstring for what a row is), and ``output``
+    (out, float64) the output weights from the BatchNorm that takes the site's output, None
+    where there is none (every output counts alike)."""
 
     moment: Tensor
     rows: int
+    output: Tensor | None = None
 
-    def whitening(self, modes: Sequence[int], damp: float = DAMP) -> Whitening:
+    def whitening(self, modes: Sequence[int], damp: float = DAMP,
+                  outputs: bool = True) -> Whitening:
         """The whitening of the input index split into ``modes`` (sizes whose product is n,
-        row-major): one mode, the moment itself; several, each mode's partial trace."""
+        row-major): one mode, the moment itself; several, each mode's partial trace. With
+        ``outputs`` (for a family whose output index one factor holds), the output weights
+        too."""
         g, n = self.moment.shape[0], self.moment.shape[-1]
         modes = tuple(int(m) for m in modes)
         if prod(modes) != n:
@@ -76,28 +95,57 @@ class InputStats:
         moments = [self.moment] if len(modes) == 1 else [
             partial_trace(self.moment, modes, k) for k in range(len(modes))]
         roots = [_root(m, damp) for m in moments]
-        return Whitening(modes, g, tuple(r for r, _ in roots), tuple(i for _, i in roots))
+        return Whitening(modes, g, tuple(r for r, _ in roots), tuple(i for _, i in roots),
+                         self.output if outputs else None, self.moment, damp)
 
 
 @dataclass(frozen=True)
 class Whitening:
     """Per input mode, the symmetric root of its regularised moment and the root's inverse,
-    each (groups × m × m, float64)."""
+    each (groups × m × m, float64); ``output`` the output weights (out, float64) or None."""
 
     modes: tuple[int, ...]
     groups: int
     roots: tuple[Tensor, ...]
     inverses: tuple[Tensor, ...]
+    output: Tensor | None = None
+    moment: Tensor | None = None
+    damp: float = DAMP
+
+    def metric(self) -> Tensor:
+        """The site's whole input moment, regularised as each mode's is (groups × n × n,
+        float64): the metric of the output error on the calibration rows, which a family that
+        whitens mode by mode can refit a factor in (`Factorization.fit_core`)."""
+        if self.moment is None:
+            raise RankSearchError("this whitening was made without the input moment")
+        return torch.stack([_regularised(c, self.damp) for c in self.moment.to(torch.float64)])
 
     def apply(self, weight: Tensor) -> Tensor:
         """``weight`` (out × its input index; groups stacked along out) with each input mode
-        multiplied by its root: the weight whose plain factors are the data-aware ones, in
-        float64, of the same shape."""
+        multiplied by its root and each output by its weight: the weight whose plain factors
+        are the data-aware ones, in float64, of the same shape."""
         g, shape = self.groups, weight.shape
         w = weight.detach().to(torch.float64).reshape(g, shape[0] // g, *self.modes)
         for k, root in enumerate(self.roots):
             w = _times(w.movedim(2 + k, -1), root, grouped=True).movedim(-1, 2 + k)
+        if self.output is not None:
+            w = w * self.output.to(w.device).reshape(g, -1, *([1] * len(self.modes)))
         return w.reshape(shape)
+
+    def unweight(self, factor: Tensor, dim: int) -> Tensor:
+        """``factor`` (float64) with its dim ``dim``, which holds the outputs (of one group,
+        after the factor's leading group dimension when grouped), divided by their weights;
+        ``factor`` itself without output weights."""
+        if self.output is None:
+            return factor
+        f = factor.to(torch.float64)
+        shape = [1] * f.dim()
+        d = self.output.to(f.device)
+        if self.groups > 1:
+            d = d.reshape(self.groups, -1)
+            shape[0] = self.groups
+        shape[dim] = d.shape[-1]
+        return f / d.reshape(shape)
 
     def undo(self, factor: Tensor, dim: int, mode: int) -> Tensor:
         """``factor`` (float64) with its dim ``dim``, which holds input mode ``mode``,
@@ -134,17 +182,25 @@ def _root(moment: Tensor, damp: float) -> tuple[Tensor, Tensor]:
     eye = torch.eye(moment.shape[-1], dtype=torch.float64)
     roots, inverses = [], []
     for c in moment.to(torch.float64):
-        scale = float(torch.diagonal(c).mean())
-        if not scale > 0:  # inputs all zero: no direction to prefer
+        if not float(torch.diagonal(c).mean()) > 0:  # inputs all zero: no direction to prefer
             roots.append(eye)
             inverses.append(eye)
             continue
-        c = ((c + c.mT) / (2 * scale) + damp * eye) / (1 + damp)  # unit mean diagonal
-        values, vectors = torch.linalg.eigh(c)
+        values, vectors = torch.linalg.eigh(_regularised(c, damp))
         values = values.clamp(min=damp / (1 + damp))
         roots.append((vectors * values.sqrt()) @ vectors.mT)
         inverses.append((vectors * values.rsqrt()) @ vectors.mT)
     return torch.stack(roots), torch.stack(inverses)
+
+
+def _regularised(c: Tensor, damp: float) -> Tensor:
+    """One moment symmetrised, with ``damp`` of its mean diagonal added, scaled to unit mean
+    diagonal (the identity when the moment is zero)."""
+    eye = torch.eye(c.shape[-1], dtype=torch.float64)
+    scale = float(torch.diagonal(c).mean())
+    if not scale > 0:
+        return eye
+    return ((c + c.mT) / (2 * scale) + damp * eye) / (1 + damp)
 
 
 # -- collection -------------------------------------------------------------------------------
@@ -175,10 +231,14 @@ def collect(
     sums: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
     handles = []
+    follows = _Follows()
     for layer in find_layers(copy):
         if layer.name in sites:
             hook = _Recorder(layer.name, sites[layer.name].groups, sums, counts)
             handles.append(layer.module.register_forward_pre_hook(hook, with_kwargs=True))
+            handles.append(layer.module.register_forward_hook(follows.produced(layer.name)))
+    for bn in batchnorms(copy):
+        handles.append(bn.register_forward_pre_hook(follows.consumed))
     fastpath = torch.backends.mha.get_fastpath_enabled()  # its kernels call no projection
     try:
         torch.backends.mha.set_fastpath_enabled(False)
@@ -189,7 +249,8 @@ def collect(
         torch.backends.mha.set_fastpath_enabled(fastpath)
         for h in handles:
             h.remove()
-    stats = {name: InputStats((sums[name] / counts[name]).cpu(), counts[name])
+    stats = {name: InputStats((sums[name] / counts[name]).cpu(), counts[name],
+                              follows.weights(name, sites[name].out_features))
              for name in sums if counts[name] > 0}
     log.info("calibration: input statistics of %d of %d sites", len(stats), len(sites))
     return stats
@@ -217,6 +278,46 @@ class _Recorder:
             total += chunk.mT @ chunk
         self.sums[self.name] = self.sums.get(self.name, 0) + total
         self.counts[self.name] = self.counts.get(self.name, 0) + rows.shape[0]
+
+
+class _Follows:
+    """Which BatchNorm takes each site's output: forward hooks on the sites note their output
+    tensors (by weak reference, so that a freed tensor's id is never mistaken for it), and
+    pre-hooks on the BatchNorm layers look their input up. A site counts as followed by a
+    BatchNorm only when every call's output went to that one BatchNorm."""
+
+    def __init__(self) -> None:
+        self._out: dict[int, tuple[str, weakref.ref[Tensor]]] = {}
+        self._calls: dict[str, int] = {}
+        self._taken: dict[str, list[nn.Module]] = {}
+
+    def produced(self, name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
+            self._calls[name] = self._calls.get(name, 0) + 1
+            if isinstance(output, Tensor):
+                self._out[id(output)] = (name, weakref.ref(output))
+        return hook
+
+    def consumed(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0] if args else None
+        found = self._out.get(id(x)) if isinstance(x, Tensor) else None
+        if found is not None and found[1]() is x:
+            self._taken.setdefault(found[0], []).append(module)
+
+    def weights(self, name: str, out: int) -> Tensor | None:
+        """The output weights of site ``name`` (see the module docstring), or None."""
+        taken = self._taken.get(name, [])
+        if len(taken) != self._calls.get(name) or len({id(m) for m in taken}) != 1:
+            return None
+        bn = taken[0]
+        if bn.num_features != out or bn.running_var is None:
+            return None
+        d = (bn.running_var.detach().to(torch.float64) + bn.eps).rsqrt()
+        if bn.weight is not None:
+            d = d * bn.weight.detach().to(torch.float64).abs()
+        if not (torch.isfinite(d).all() and d.mean() > 0):
+            return None
+        return (d / d.mean()).clamp(min=DAMP).cpu()
 
 
 def _rows(module: nn.Module, x: Tensor) -> Tensor:
@@ -278,5 +379,5 @@ def _hookable(model: nn.Module) -> nn.Module:
     return clone_module(model, attention)
 
 
-__all__ = ["DAMP", "InputStats", "Whitening", "batchnorms", "calibration_inputs", "collect",
-           "partial_trace", "recalibrate_batchnorm"]
+__all__ = ["DAMP", "WHITENING", "InputStats", "Whitening", "batchnorms", "calibration_inputs",
+           "collect", "partial_trace", "recalibrate_batchnorm"]

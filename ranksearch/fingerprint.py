@@ -83,6 +83,9 @@ def fingerprint(model: nn.Module, task: Task, settings: ProxySettings, space: Ra
     from .timing import device_label
 
     proxy = settings.to_json()
+    if settings.data_aware:  # results of an earlier whitening are not these
+        from .calibration import WHITENING
+        proxy = {**proxy, "whitening": WHITENING}
     if settings.latency:  # timings belong to the machine they were taken on
         proxy = {**proxy, "torch": torch.__version__, "threads": torch.get_num_threads(),
                  "machine": device_label(settings.device)}

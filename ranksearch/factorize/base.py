@@ -70,6 +70,10 @@ class Factorization(ABC):
     (Tucker-2: ``(r_in, r_out)``); ``"shared"`` one rank for all the matrices (CP, read off the
     Tucker unfoldings as a proxy); None when the rank is not a matrix rank (TT, TR). A new
     factorization that sets it is used by those strategies as it is.
+
+    ``weighs_outputs`` is True when one factor holds the output index, so that data-aware
+    factors can weigh the outputs too (`ranksearch.calibration`: by the BatchNorm that takes
+    the layer's output) and `unwhiten` divides that factor by the weights.
     """
 
     name: ClassVar[str]
@@ -82,6 +86,7 @@ class Factorization(ABC):
     description: ClassVar[str] = ""
     nested: ClassVar[bool] = False
     spectral: ClassVar[Spectral | None] = None
+    weighs_outputs: ClassVar[bool] = False
 
     # -- what a site admits -------------------------------------------------------------------
     def admits(self, site: Site) -> str | None:
@@ -204,7 +209,9 @@ class Factorization(ABC):
 
     def unwhiten(self, factors: Factors, site: Site, whitening: Whitening) -> Factors:
         """The factors of the whitened weight (`Whitening.apply`) made factors of the layer:
-        the factor holding each input mode multiplied by that mode's inverse root."""
+        the factor holding each input mode multiplied by that mode's inverse root, and for a
+        family that `weighs_outputs`, the factor holding the outputs divided by their weights
+        (`Whitening.unweight`)."""
         raise NotAdmittedError(f"{self.name!r} has no data-aware factors")
 
     def decompose_aware(
@@ -216,14 +223,29 @@ class Factorization(ABC):
         statistics, the layer's output error on the calibration rows (exactly so when the
         input index is one mode, as for svd; in the Kronecker-factored metric otherwise).
 
-        Sliceable methods define them, as `decompose` does, as the slice at ``rank`` of the
-        factors at `max_rank`; the others decompose at ``rank``.
+        Sliceable methods define them, as `decompose` does, from the slice at ``rank`` of the
+        factors at `max_rank` (`fit_core` of it); the others decompose at ``rank``.
         """
-        at = self.max_rank(site) if self.sliceable else rank
-        whitened = self.decompose(whitening.apply(weight), site, at, **options)
-        factors = {key: f.to(device=weight.device, dtype=weight.dtype)
-                   for key, f in self.unwhiten(whitened, site, whitening).items()}
-        return self.slice(factors, site, rank) if self.sliceable else factors
+        if not self.sliceable:
+            return self.decompose_whitened(weight, site, rank, whitening, **options)
+        top = self.decompose_whitened(weight, site, self.max_rank(site), whitening, **options)
+        return self.fit_core(self.slice(top, site, rank), site, weight, whitening)
+
+    def decompose_whitened(
+        self, weight: torch.Tensor, site: Site, rank: Rank, whitening: Whitening, **options: Any
+    ) -> Factors:
+        """`decompose` of the whitened weight at ``rank``, un-whitened (`unwhiten`), in the
+        weight's dtype and on its device: `decompose_aware` before any `fit_core`."""
+        whitened = self.decompose(whitening.apply(weight), site, rank, **options)
+        return {key: f.to(device=weight.device, dtype=weight.dtype)
+                for key, f in self.unwhiten(whitened, site, whitening).items()}
+
+    def fit_core(self, factors: Factors, site: Site, weight: torch.Tensor,
+                 whitening: Whitening) -> Factors:
+        """Data-aware factors at a rank from the slice at that rank of those at `max_rank`:
+        the slice itself, unless the family refits part of it in the metric of the whole
+        input moment (`Whitening.metric`), as Tucker-2 refits its core."""
+        return factors
 
     def slice(self, factors: Factors, site: Site, rank: Rank) -> Factors:
         """The factors at ``rank`` cut from the factors of a sliceable method at a larger rank.

@@ -67,6 +67,7 @@ class _CP(Factorization):
     nested: ClassVar[bool] = False  # ALS fits at two ranks share no components
     # one rank for both channel unfoldings: a proxy, as a CP rank has no matrix of its own
     spectral: ClassVar[Spectral | None] = "shared"
+    weighs_outputs: ClassVar[bool] = True
 
     # -- the tensor view ------------------------------------------------------------------------
     @abstractmethod
@@ -89,8 +90,9 @@ class _CP(Factorization):
         return self.tensor_shape(site)[1:]  # in, then the kernel's mode(s)
 
     def unwhiten(self, factors: Factors, site: Site, whitening: Whitening) -> Factors:
-        """Each input mode's factor times its inverse root, the components balanced again."""
-        out = factors[self.modes[0]].to(torch.float64)
+        """Each input mode's factor times its inverse root, the output factor divided by the
+        output weights, the components balanced again."""
+        out = whitening.unweight(factors[self.modes[0]].to(torch.float64), 0)
         mats = [out, *(whitening.undo(factors[m], 0, k) for k, m in enumerate(self.modes[1:]))]
         return dict(zip(self.modes, _balance(out.new_ones(out.shape[1]), mats), strict=True))
 

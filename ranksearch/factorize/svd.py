@@ -170,6 +170,7 @@ class SVD(Factorization):
     description = "truncated SVD over channels: k×k conv S→R, 1×1 conv R→T (or two Linears)"
     nested = True
     spectral = "single"  # the rank of the out × in·kh·kw matrix
+    weighs_outputs = True
 
     def admits_groups(self, site: Site) -> str | None:
         _, _, t_g = group_shape(site)
@@ -199,7 +200,8 @@ class SVD(Factorization):
         return (self._fan_in(site),)  # one mode: whitened by the whole moment, as SVD-LLM
 
     def unwhiten(self, factors: Factors, site: Site, whitening: Whitening) -> Factors:
-        return {"left": factors["left"], "right": whitening.undo(factors["right"], -1, 0)}
+        return {"left": whitening.unweight(factors["left"], -2),
+                "right": whitening.undo(factors["right"], -1, 0)}
 
     def decompose(self, weight: torch.Tensor, site: Site, rank: int, **options: Any) -> Factors:
         r = self.normalize_rank(site, rank)
@@ -252,6 +254,7 @@ class SpatialSVD(Factorization):
     description = "spatial SVD (Jaderberg): kh×1 conv S→R, 1×kw conv R→T"
     nested = True
     spectral = "single"
+    weighs_outputs = True
 
     def admits(self, site: Site) -> str | None:
         reason = super().admits(site)
@@ -283,8 +286,9 @@ class SpatialSVD(Factorization):
         return (site.in_features * kh, kw)  # the rows (s, i) of the matrix, and j
 
     def unwhiten(self, factors: Factors, site: Site, whitening: Whitening) -> Factors:
-        right = factors["right"]  # r × (T·kw): its kw holds input mode j
+        right = factors["right"]  # r × (T·kw): its T holds the outputs, its kw input mode j
         j = whitening.undo(right.reshape(right.shape[0], site.out_features, -1), -1, 1)
+        j = whitening.unweight(j, 1)
         return {"left": whitening.undo(factors["left"], 0, 0), "right": j.reshape(right.shape)}
 
     def decompose(self, weight: torch.Tensor, site: Site, rank: int, **options: Any) -> Factors:

@@ -29,6 +29,11 @@ class Tucker2(Factorization):
     A grouped conv (groups g) takes one HOSVD per group at per-group ranks ``(r_in, r_out)``:
     ``Conv2d(S, g·r_in, 1)``, ``Conv2d(g·r_in, g·r_out, kh×kw)``, ``Conv2d(g·r_out, T, 1)``,
     all with groups=g. Its factors carry a leading group dimension.
+
+    Data-aware (`decompose_aware`): the HOSVD of the whitened weight gives the factors, and
+    `fit_core` refits the core at each rank in the metric of the whole input moment, so the
+    factors at a rank are no longer a slice of those at the maximum (the cache slices, then
+    refits once per rank).
     """
 
     name = "tucker2"
@@ -38,6 +43,7 @@ class Tucker2(Factorization):
     description = "Tucker-2 (Kim): 1×1 conv S→r_in, k×k conv r_in→r_out, 1×1 conv r_out→T"
     nested = True
     spectral = "per_matrix"  # r_in, r_out from the in- and out-channel unfoldings
+    weighs_outputs = True
 
     def admits_groups(self, site: Site) -> str | None:
         _, s_g, t_g = group_shape(site)
@@ -71,7 +77,40 @@ class Tucker2(Factorization):
         core = factors["core"]  # (g ×) r_out × r_in × kh × kw
         kernel = whitening.undo(core.flatten(-2), -1, 1).reshape(core.shape)
         return {"in": whitening.undo(factors["in"], -2, 0), "core": kernel,
-                "out": factors["out"]}
+                "out": whitening.unweight(factors["out"], -2)}
+
+    def fit_core(self, factors: Factors, site: Site, weight: torch.Tensor,
+                 whitening: Whitening) -> Factors:
+        """The core refitted by least squares in the metric of the whole input moment C and
+        the output weights D, given the in and out factors: whitening channels and kernel
+        by separate roots (the Kronecker factoring of C) fits the factors' subspaces, and the
+        core that minimises ‖D (W − out·core·(in ⊗ I)ᵀ) C^½‖ given them is closed-form,
+        core = (AᵀD²A)⁻¹AᵀD²W · C B (BᵀCB)⁻¹ with A the out factor and B = in ⊗ I_{kh·kw}.
+        Exact at full rank, as the HOSVD core is."""
+        g, s_g, t_g = group_shape(site)
+        kh, kw = site.kernel_size
+        k = kh * kw
+        metric = whitening.metric().to(weight.device).reshape(g, s_g, k, s_g, k)
+        w = weight.detach().to(torch.float64).reshape(g, t_g, s_g * k)
+        d2 = (torch.ones(g * t_g, dtype=torch.float64, device=weight.device)
+              if whitening.output is None else whitening.output.to(weight.device) ** 2)
+        d2 = d2.reshape(g, t_g, 1)
+        outs = factors["out"].to(torch.float64).reshape(g, t_g, -1)
+        ins = factors["in"].to(torch.float64).reshape(g, s_g, -1)
+        cores = []
+        for c, a, u, wg, dg in zip(metric, outs, ins, w, d2, strict=True):
+            r_out, r_in = a.shape[1], u.shape[1]
+            left = torch.linalg.solve(a.mT @ (dg * a), a.mT @ (dg * wg))  # r_out × S·k
+            cb = torch.einsum("sitj,tb->sibj", c, u).reshape(s_g * k, r_in * k)
+            gram = u.mT @ cb.reshape(s_g, k * r_in * k)  # Bᵀ C B, (r_in·k)²
+            gram = gram.reshape(r_in, k, r_in, k).reshape(r_in * k, r_in * k)
+            core = torch.linalg.solve(gram, (left @ cb).mT).mT
+            cores.append(core.reshape(r_out, r_in, kh, kw))
+        core = torch.stack(cores) if g > 1 else cores[0]
+        if not torch.isfinite(core).all():
+            return factors
+        return {**factors, "core": core.to(device=factors["core"].device,
+                                           dtype=factors["core"].dtype)}
 
     def decompose(
         self, weight: torch.Tensor, site: Site, rank: tuple[int, int], **options: Any
