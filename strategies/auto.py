@@ -20,75 +20,58 @@ SWEEPS = ("pca_energy", "errorbound", "vbmf")
 
 
 class Auto(Strategy):
-    """Without cost constraints the sensitivity strategy; under them the dense model and the
-    analytic sweeps first, then refinement of the front (optionally with TPE asks).
+    """The dense model and the analytic sweeps first, then refinement of the front (optionally
+    with TPE asks), for the whole budget.
 
-    Without cost constraints, when its probes (the dense model and one per site) take at
-    most ``probes`` of the budget: `Sensitivity` with its refinement, which is ahead of every
-    other strategy at every budget there on the exhaustive benchmark (under a cost
-    constraint most of its probes are infeasible, so it is not used).
+    Phase one, ``analytic`` of the budget (at least 4 evaluations): the dense model where it
+    meets the constraints, then the first config of each data-free sweep in ``sweeps`` (PCA
+    energy, the ALDS error bound, VBMF: each traces a front under the cost constraints from
+    layer spectra alone, from the costliest config that meets them down), then the rest of
+    the sweeps, the one whose first config scored best first, each in `spread` order (its
+    cheapest end, then the middle of the widest gap left, ...), duplicates once. Phase two,
+    for the rest of the budget: `ranksearch.refine.Refiner` proposals (unevaluated feasible
+    neighbours of the front, by estimated hypervolume gain, then feasible configs at random;
+    with ``swaps``, also one-up-one-down moves along a cost constraint); every
+    ``best_every``-th of them (default: 2 under a cost constraint, else 0: never) takes the
+    neighbours of the front point best in the first objective (the most accurate feasible
+    config) first, and every ``tpe_every``-th ask (0, the default: never) is instead a TPE
+    proposal (`OptunaSampler`, one categorical per site, told every result so far).
 
-    Otherwise phase one, ``analytic`` of the budget (at least 4 evaluations): the dense model
-    where it meets the constraints, then the first config of each data-free sweep in
-    ``sweeps`` (PCA energy, the ALDS error bound, VBMF: each traces a front under the cost
-    constraints from layer spectra alone, from the costliest config that meets them down),
-    then the rest of the sweeps, the one whose first config scored best first, each in
-    `spread` order (its cheapest end, then the middle of the widest gap left, ...),
-    duplicates once. Phase two, for the rest of the budget: `ranksearch.refine.Refiner`
-    proposals (unevaluated feasible neighbours of the front, by estimated hypervolume gain,
-    then feasible configs at random; with ``swaps``, also one-up-one-down moves along the
-    constraint); every ``best_every``-th of them takes the neighbours of the front point best
-    in the first objective (the most accurate feasible config) first, and every
-    ``tpe_every``-th ask (0, the default: never) is instead a TPE proposal (`OptunaSampler`,
-    one categorical per site, told every result so far). On the exhaustive benchmark, under
-    ``flops<=0.4``, asking around the best point every second time raised the hypervolume at
-    64 evaluations, and TPE asks and swaps lowered it at 16 and 32; the spread order of the
-    sweeps raised it at 16 on the coarse digits grid. It never stops while the budget lasts
-    and a feasible config is unevaluated.
+    On the exhaustive benchmark: under ``flops<=0.4`` asking around the most accurate point
+    every second time raised the hypervolume at 64 evaluations, and unconstrained it lowered
+    it at 16 and 32 (there the whole front counts, not its most accurate end); TPE asks and
+    swaps lowered it; the spread order of the sweeps raised it at 16 on the coarse digits
+    grid, and made this ahead of the sensitivity probes, which an earlier version used
+    unconstrained. It never stops while the budget lasts and a feasible config is
+    unevaluated.
     """
 
     name = "auto"
-    description = ("sensitivity probes (unconstrained) or analytic sweeps, then refinement of "
-                   "the front, for the whole budget")
+    description = "analytic sweeps, then refinement of the front, for the whole budget"
 
     def __init__(self, analytic: float = 0.0625, sweeps: str | Sequence[str] = SWEEPS,
-                 tpe_every: int = 0, probes: float = 0.25, best_every: int = 2,
+                 tpe_every: int = 0, best_every: int | None = None,
                  swaps: bool = False) -> None:
         who = self.name
         self.analytic = options.fraction(analytic, "analytic", who)
-        self.probes = options.fraction(probes, "probes", who)
         self.sweeps = options.names(sweeps, "sweeps", who)
         self.tpe_every = options.integer(tpe_every, "tpe_every", who, 0)
-        self.best_every = options.integer(best_every, "best_every", who, 0)
+        self.best_every = None if best_every is None else options.integer(
+            best_every, "best_every", who, 0)
         self.swaps = options.boolean(swaps, "swaps", who)
 
     def setup(self, ctx: SearchContext) -> None:
         super().setup(ctx)
-        self.refiner = Refiner(ctx, swaps=self.swaps and bool(ctx.cost_constraints()))
+        constrained = bool(ctx.cost_constraints())
+        self.refiner = Refiner(ctx, swaps=self.swaps and constrained)
+        self._every = (2 if constrained else 0) if self.best_every is None else self.best_every
         self._share = max(4, round(self.analytic * ctx.evaluations))
-        self._probing = self._sensitivity()
-        self._lists = [] if self._probing else [
-            c for c in (self._sweep(n, self._share) for n in self.sweeps) if c]
-        self._queue = [] if self._probing else [Config(), *(c[0] for c in self._lists)]
-        self._ranked = self._probing is not None
+        self._lists = [c for c in (self._sweep(n, self._share) for n in self.sweeps) if c]
+        self._queue = [Config(), *(c[0] for c in self._lists)]
+        self._ranked = False
         self._tpe: OptunaSampler | None = None
         self._told = 0
         self._asks = 0
-
-    def _sensitivity(self) -> Strategy | None:
-        """Without cost constraints, the sensitivity strategy (its probes are the most
-        informative first evaluations there), when its probes take at most ``probes`` of
-        the budget; None otherwise (under cost constraints most probes are infeasible)."""
-        probes = 1 + len(self.ctx.space.decomposable)
-        if self.ctx.cost_constraints() or probes > self.probes * self.ctx.evaluations:
-            return None
-        try:
-            inner = load_strategy("sensitivity", {"refine": True})
-            inner.setup(self.ctx)
-        except RankSearchError as e:
-            log.info("auto: sensitivity does not apply (%s)", e)
-            return None
-        return inner
 
     def _rank_sweeps(self) -> None:
         """Queue the rest of the sweeps, the one whose first config scored best first, each
@@ -115,14 +98,6 @@ class Auto(Strategy):
             return []
 
     def ask(self) -> list[Config | Proposal]:
-        if self._probing is not None:
-            try:
-                proposals = self._probing.ask()
-                self.refiner.asked.update(
-                    (p.config if isinstance(p, Proposal) else p).key for p in proposals)
-                return proposals
-            except StopSearch:
-                self._probing = None
         known = self.refiner.known()
         if not self._queue and not self._ranked:
             self._rank_sweeps()
@@ -134,7 +109,7 @@ class Auto(Strategy):
         self._asks += 1
         if self.tpe_every and self._asks % self.tpe_every == 0:
             return self._tpe_ask()
-        best = bool(self.best_every) and self._asks % self.best_every == 0
+        best = bool(self._every) and self._asks % self._every == 0
         configs = self.refiner.propose(1, best=best)
         if not configs:
             raise StopSearch  # every feasible config is evaluated
@@ -152,8 +127,6 @@ class Auto(Strategy):
         return configs
 
     def tell(self, results: Sequence[object]) -> None:
-        if self._probing is not None:
-            self._probing.tell(results)  # type: ignore[arg-type]
         if self._tpe is not None:
             self._tpe.tell(results)  # type: ignore[arg-type]
 

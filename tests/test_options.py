@@ -33,7 +33,7 @@ BAD = {
     "beam": {"width": [0, True], "step": [0, 1.5], "minibatches": ["2"], "method": ["nope"],
              "moves": [0], **REFINE},
     "auto": {"analytic": [0, 1.5, "x"], "sweeps": [3, [1]], "tpe_every": [-1, 1.5],
-             "best_every": [-1, "x"], "probes": [0, 1.5, "x"], "swaps": ["yes", 2]},
+             "best_every": [-1, "x"], "swaps": ["yes", 2]},
     "nsga2": {"pop_size": [1, "8"], "generations": [0], "dense": ["no"], "cheaper": [0],
               "narrow_after": [0], "narrow_width": [[2, 0], [], 0, "4"],
               "seed_with": ["nope", ["uniform", "random"], 3], "crossover_eta": [0, "x"],
