@@ -71,12 +71,18 @@ def correlated(n: int, dtype: torch.dtype = torch.float64, seed: int = 1) -> tor
     return x.to(dtype)
 
 
-@pytest.fixture(scope="module")
-def setup():
-    model = Net().eval()
+def calibrated(model: nn.Module):
+    """``model`` in eval mode, its space of every method, 3 correlated batches and their
+    statistics."""
+    model.eval()
     batches = [correlated(16, seed=s) for s in range(3)]
     space = RankSpace.discover(model, batches[0][:1], methods=factorize.available())
     return model, space, batches, collect(model, space, batches)
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return calibrated(Net())
 
 
 def site_inputs(model: nn.Module, batches, names) -> dict[str, list[torch.Tensor]]:
@@ -328,10 +334,7 @@ class BNNet(nn.Module):
 
 @pytest.fixture(scope="module")
 def bn_setup():
-    model = BNNet().eval()
-    batches = [correlated(16, seed=s) for s in range(3)]
-    space = RankSpace.discover(model, batches[0][:1], methods=factorize.available())
-    return model, space, batches, collect(model, space, batches)
+    return calibrated(BNNet())
 
 
 def test_a_site_read_by_a_batchnorm_gets_its_scales_as_output_weights(bn_setup):
