@@ -42,6 +42,7 @@ import string
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from math import prod
 from typing import TYPE_CHECKING, Any
 
@@ -112,10 +113,11 @@ class Whitening:
     moment: Tensor | None = None
     damp: float = DAMP
 
+    @cached_property
     def metric(self) -> Tensor:
         """The site's whole input moment, regularised as each mode's is (groups × n × n,
-        float64): the metric of the output error on the calibration rows, which a family that
-        whitens mode by mode can refit a factor in (`Factorization.fit_core`)."""
+        float64; computed once): the metric of the output error on the calibration rows, which
+        a family that whitens mode by mode can refit a factor in (`Factorization.fit_core`)."""
         if self.moment is None:
             raise RankSearchError("this whitening was made without the input moment")
         return torch.stack([_regularised(c, self.damp) for c in self.moment.to(torch.float64)])
@@ -196,11 +198,12 @@ def _root(moment: Tensor, damp: float) -> tuple[Tensor, Tensor]:
 def _regularised(c: Tensor, damp: float) -> Tensor:
     """One moment symmetrised, with ``damp`` of its mean diagonal added, scaled to unit mean
     diagonal (the identity when the moment is zero)."""
-    eye = torch.eye(c.shape[-1], dtype=torch.float64)
     scale = float(torch.diagonal(c).mean())
     if not scale > 0:
-        return eye
-    return ((c + c.mT) / (2 * scale) + damp * eye) / (1 + damp)
+        return torch.eye(c.shape[-1], dtype=torch.float64)
+    out = (c + c.mT).mul_(1 / (2 * scale))
+    out.diagonal().add_(damp)
+    return out.div_(1 + damp)
 
 
 # -- collection -------------------------------------------------------------------------------

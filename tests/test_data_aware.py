@@ -270,7 +270,7 @@ def metric_error(whitening, delta: torch.Tensor) -> float:
     d = delta.double().reshape(g, delta.shape[0] // g, -1)
     if whitening.output is not None:
         d = d * whitening.output.reshape(g, -1, 1)
-    return float(torch.einsum("gtn,gnm,gtm->", d, whitening.metric(), d))
+    return float(torch.einsum("gtn,gnm,gtm->", d, whitening.metric, d))
 
 
 @pytest.mark.parametrize("name", ["a", "b", "g"])

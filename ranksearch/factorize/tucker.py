@@ -90,7 +90,7 @@ class Tucker2(Factorization):
         g, s_g, t_g = group_shape(site)
         kh, kw = site.kernel_size
         k = kh * kw
-        metric = whitening.metric().to(weight.device).reshape(g, s_g, k, s_g, k)
+        metric = whitening.metric.to(weight.device).reshape(g, s_g, k, s_g, k)
         w = weight.detach().to(torch.float64).reshape(g, t_g, s_g * k)
         d2 = (torch.ones(g * t_g, dtype=torch.float64, device=weight.device)
               if whitening.output is None else whitening.output.to(weight.device) ** 2)
