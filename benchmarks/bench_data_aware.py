@@ -120,7 +120,7 @@ class ModelRun:
             cells[key] = {"test_accuracy": evaluate_accuracy(self.model, test)}
         self.dense = cells[key]["test_accuracy"]
 
-    def cache(self, method: str, aware: bool, layers: str = "all") -> FactorCache:
+    def cache(self, method: str, aware: bool, layers: str) -> FactorCache:
         key = (method, aware, layers)
         if key not in self._caches:
             space, stats = self.spaces[method, layers], None
@@ -131,7 +131,7 @@ class ModelRun:
             self._caches[key] = FactorCache(self.model, space, stats)
         return self._caches[key]
 
-    def cell(self, method: str, limit: float, layers: str = "all") -> dict[str, Any]:
+    def cell(self, method: str, limit: float, layers: str) -> dict[str, Any]:
         key = f"{self.name}/{method}/params<={limit}" + ("" if layers == "all" else "/" + layers)
         if key in self.cells:
             return self.cells[key]

@@ -79,16 +79,18 @@ class FactorCache:
             if key not in self._per_rank:
                 self._per_rank[key] = self._decompose(site, method, rank)
             return self._per_rank[key]
+        key = (name, method, rank)
+        if key in self._per_rank:  # refitted before
+            return self._per_rank[key]
         if (name, method) not in self._top:
             self._top[(name, method)] = self._decompose(site, method, fac.max_rank(site))
         sliced = fac.slice(self._top[(name, method)], site, rank)
         if name not in self.stats:
             return sliced
-        key = (name, method, rank)
-        if key not in self._per_rank:
-            self._per_rank[key] = fac.fit_core(sliced, site, self._weights[name],
-                                               self.whitening(site, method))
-        return self._per_rank[key]
+        fitted = fac.fit_core(sliced, site, self._weights[name], self.whitening(site, method))
+        if fitted is not sliced:  # kept only where the family refits (a slice is cheap)
+            self._per_rank[key] = fitted
+        return fitted
 
     def build(self, name: str, choice: Choice) -> nn.Module:
         """The factorized module for ``choice`` on site ``name``, weights set from the cache.

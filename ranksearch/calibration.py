@@ -97,20 +97,21 @@ class InputStats:
             partial_trace(self.moment, modes, k) for k in range(len(modes))]
         roots = [_root(m, damp) for m in moments]
         return Whitening(modes, g, tuple(r for r, _ in roots), tuple(i for _, i in roots),
-                         self.output if outputs else None, self.moment, damp)
+                         self.moment, self.output if outputs else None, damp)
 
 
 @dataclass(frozen=True)
 class Whitening:
     """Per input mode, the symmetric root of its regularised moment and the root's inverse,
-    each (groups × m × m, float64); ``output`` the output weights (out, float64) or None."""
+    each (groups × m × m, float64); ``moment`` the whole moment it was made from (groups × n ×
+    n), ``output`` the output weights (out, float64) or None, ``damp`` the regularisation."""
 
     modes: tuple[int, ...]
     groups: int
     roots: tuple[Tensor, ...]
     inverses: tuple[Tensor, ...]
+    moment: Tensor
     output: Tensor | None = None
-    moment: Tensor | None = None
     damp: float = DAMP
 
     @cached_property
@@ -118,8 +119,6 @@ class Whitening:
         """The site's whole input moment, regularised as each mode's is (groups × n × n,
         float64; computed once): the metric of the output error on the calibration rows, which
         a family that whitens mode by mode can refit a factor in (`Factorization.fit_core`)."""
-        if self.moment is None:
-            raise RankSearchError("this whitening was made without the input moment")
         return torch.stack([_regularised(c, self.damp) for c in self.moment.to(torch.float64)])
 
     def apply(self, weight: Tensor) -> Tensor:
